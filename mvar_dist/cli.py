@@ -1,0 +1,48 @@
+"""``mvar-dist`` command line: one subcommand per user task, each implemented in its own module.
+
+Subcommand modules are imported lazily so that ``mvar-dist --help`` stays fast and a command
+never pays for the imports of another (DeepSpeed, MLflow, submitit are heavy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+# name -> (module, function, one-line help); the function takes argv (list[str]) and returns an exit code.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+}
+
+
+def _usage() -> str:
+    width = max((len(name) for name in COMMANDS), default=0)
+    lines = ["usage: mvar-dist <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "Run 'mvar-dist <command> --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from mvar_dist import __version__
+
+        print(f"mvar-dist {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"mvar-dist: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, function_name, _ = COMMANDS[name]
+    command: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function_name)
+    return int(command(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
