@@ -117,14 +117,16 @@ class ScaleLayout:
 def phi_index(scale: int, num_scales: int, num_convs: int = 4) -> int:
     """Which of the ``num_convs`` shared phi convolutions scale ``scale`` uses.
 
-    The convs sit at ticks linspace(1/(3K), 1-1/(3K), K); a scale takes the conv whose tick is
-    nearest to its relative depth s/(S-1). Ties go to the lower index, as argmin does.
+    The convs sit at evenly spaced ticks in (0, 1); a scale takes the conv whose tick is nearest
+    to its relative depth s/(S-1). Ties go to the lower index, as argmin does.
     """
     if num_convs == 1:
         return 0
     relative = scale / (num_scales - 1) if num_scales > 1 else 0.0
-    # numpy's linspace, so that floating-point ties resolve exactly as in the released code
-    ticks = np.linspace(1 / (3 * num_convs), 1 - 1 / (3 * num_convs), num_convs)
+    # numpy's linspace, so that floating-point ties resolve exactly as in the released code,
+    # which uses 1/(3K) margins for its K=4 shared convs and 1/(2K) for any other K.
+    margin = 1 / (3 * num_convs) if num_convs == 4 else 1 / (2 * num_convs)
+    ticks = np.linspace(margin, 1 - margin, num_convs)
     return int(np.argmin(np.abs(ticks - relative)))
 
 def scale_groups(num_scales: int, refine_step: int) -> list[tuple[int, ...]]:
