@@ -13,6 +13,16 @@ from typing import Callable, Sequence
 
 # name -> (module, function, one-line help); the function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("mvar_dist.train", "main", "train MVAR or VAR with DeepSpeed on code shards (--nproc N: N local ranks)"),
+    "submit": ("mvar_dist.launch", "main", "submit a training run to SLURM with submitit (--dry-run: print the sbatch script)"),
+    "submit-prep": ("mvar_dist.launch_prep", "main", "run prep as a SLURM job array, then merge the manifest in a dependent job"),
+    "status": ("mvar_dist.slurm_status", "main", "state of a submitted run: SLURM job, requeues, last checkpoint, MLflow run"),
+    "jobs": ("mvar_dist.slurm_status", "main", "alias of status"),
+    "prep": ("mvar_dist.data_prep.cli", "main", "tokenize an image folder into WebDataset code shards (--merge: write the manifest)"),
+    "verify-shards": ("mvar_dist.data_prep.verify", "main", "check code shards against their manifest (checksums, counts, code ranges)"),
+    "export": ("mvar_dist.export", "main", "consolidate a run's ZeRO checkpoint into model.safetensors + config.json (or the released .pth)"),
+    "sample": ("mvar_dist.sample_cli", "main", "sample an exported model: a PNG grid per class, or the ADM evaluator's .npz (--npz)"),
+    "compare": ("mvar_dist.compare", "main", "compare MLflow runs of an experiment: markdown table of metrics + PNG plots"),
 }
 
 

@@ -1,0 +1,232 @@
+"""Tokenize an image source into tar shards of codes: deterministic, resumable, scale-out.
+
+Image ``i`` of the source's (sorted, hash-shuffled) list goes to shard ``i // shard_size``;
+task ``t`` of ``T`` writes the shards ``s`` with ``s % T == t``. Tasks therefore never
+coordinate, and the shards do not depend on how many tasks wrote them. A shard is written as
+``<shard>.tar.tmp`` and renamed when complete; then its record ``_records/<shard>.json``
+(sample count, sha256, skipped images) is written the same way. A shard counts as done when its
+record exists: reruns skip it, and rewrite shards whose record is missing.
+
+The tokenizer is any object with ``img_to_codes(img (B,3,H,W) in [-1,1]) -> list of (B, pn*pn)``,
+``vocab_size``, ``patch_nums``, ``image_size`` and ``identity()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import mvar_dist
+from mvar_dist.data_prep import preprocess
+from mvar_dist.data_prep.sample_format import CODES_DTYPE, ShardWriter, encode_meta
+from mvar_dist.data_prep.sources import ImageRecord, ImageSource
+
+logger = logging.getLogger(__name__)
+
+RECORDS_DIR = "_records"
+PREP_FILE = "prep.json"
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    patch_nums: Sequence[int]
+    image_size: int
+
+    def img_to_codes(self, img: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def identity(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class ShardRunSummary:
+    shards_written: list[str] = field(default_factory=list)
+    shards_skipped: list[str] = field(default_factory=list)  # already complete
+    images_written: int = 0
+    images_failed: int = 0
+
+
+def shard_name(name: str, split: str, index: int) -> str:
+    return f"{name}-{split}-{index:06d}.tar"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a private temporary name and an atomic rename."""
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prep_config(
+    source: ImageSource, tokenizer: Tokenizer, name: str, split: str, shard_size: int, order_seed: int | None
+) -> dict[str, Any]:
+    """Everything that fixes the shards' content; every task of a run must agree on it."""
+    listing = hashlib.sha256("\n".join(f"{r.relative_path}\t{r.label}" for r in source.records).encode())
+    num_images = len(source.records)
+    config = {
+        "name": name,
+        "split": split,
+        "num_images": num_images,
+        "listing_sha256": listing.hexdigest(),
+        "shard_size": shard_size,
+        "num_shards": -(-num_images // shard_size),
+        "order_seed": order_seed,
+        "classes": list(source.classes),
+        "patch_nums": [int(p) for p in tokenizer.patch_nums],
+        "vocab_size": int(tokenizer.vocab_size),
+        "image_size": int(tokenizer.image_size),
+        "preprocessing": preprocess.recipe(int(tokenizer.image_size)),
+        "tokenizer": tokenizer.identity(),
+        "tool_version": mvar_dist.__version__,
+    }
+    return json.loads(json.dumps(config))  # plain JSON types, as it will be read back
+
+
+def _claim_prep_config(split_dir: Path, config: dict[str, Any]) -> None:
+    path = split_dir / RECORDS_DIR / PREP_FILE
+    if path.exists():
+        existing = json.loads(path.read_text())
+        differing = sorted(k for k in set(existing) | set(config) if existing.get(k) != config.get(k))
+        if differing:
+            raise ValueError(
+                f"{split_dir} holds shards of a different prep run (differs in: {', '.join(differing)}); "
+                "use another --out directory, or delete it to start over"
+            )
+        return
+    write_atomic(path, json.dumps(config, indent=1).encode())
+
+
+def _device_of(tokenizer: Tokenizer) -> torch.device:
+    parameters = getattr(tokenizer, "parameters", None)
+    first = next(iter(parameters()), None) if parameters else None
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _load(root: Path, record: ImageRecord, size: int) -> tuple[np.ndarray, tuple[int, int]] | str:
+    try:
+        return preprocess.load_image(str(root / record.relative_path), size)
+    except Exception as error:  # noqa: BLE001 - any decoder failure means "skip and report"
+        return f"{type(error).__name__}: {error}"
+
+
+@torch.inference_mode()
+def tokenize_views(tokenizer: Tokenizer, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, 2, L) uint16 codes of each image and of its horizontal flip."""
+    pixels = torch.from_numpy(images if images.flags.writeable else images.copy()).to(device)
+    pixels = pixels.permute(0, 3, 1, 2).float().div_(255).mul_(2).sub_(1)
+    both = torch.cat([pixels, pixels.flip(dims=[3])])
+    codes = torch.cat([c.reshape(c.shape[0], -1) for c in tokenizer.img_to_codes(both)], dim=1)
+    batch = images.shape[0]
+    return torch.stack([codes[:batch], codes[batch:]], dim=1).cpu().numpy().astype(CODES_DTYPE)
+
+
+def _write_shard(
+    path: Path, loaded: list[tuple[ImageRecord, Future]], tokenizer: Tokenizer, batch_size: int,
+    device: torch.device, bar: tqdm,
+) -> tuple[int, list[dict[str, str]]]:
+    tmp = path.with_name(path.name + ".tmp")
+    skipped: list[dict[str, str]] = []
+    count = 0
+    with open(tmp, "wb") as f:
+        writer = ShardWriter(f)
+        for start in range(0, len(loaded), batch_size):
+            good = []
+            for record, future in loaded[start : start + batch_size]:
+                result = future.result()
+                if isinstance(result, str):
+                    logger.warning("skipping %s: %s", record.relative_path, result)
+                    skipped.append({"path": record.relative_path, "reason": result})
+                else:
+                    good.append((record, result))
+            if good:
+                codes = tokenize_views(tokenizer, np.stack([array for _, (array, _) in good]), device)
+                for (record, (_, size)), sample_codes in zip(good, codes):
+                    writer.write(record.key, record.label, sample_codes, encode_meta(record.relative_path, size))
+                count += len(good)
+            bar.update(min(batch_size, len(loaded) - start))
+        writer.close()
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return count, skipped
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_dataset(
+    source: ImageSource,
+    out_dir: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    name: str,
+    split: str,
+    shard_size: int = 1000,
+    batch_size: int = 64,
+    task_id: int = 0,
+    num_tasks: int = 1,
+    order_seed: int | None = 0,
+    decode_threads: int | None = None,
+    progress: bool = True,
+) -> ShardRunSummary:
+    """Write this task's shards of ``source`` into ``out_dir/split``; see the module docstring."""
+    if not 0 <= task_id < num_tasks:
+        raise ValueError(f"task_id must be in [0, {num_tasks}), got {task_id}")
+    if shard_size < 1 or batch_size < 1:
+        raise ValueError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
+    if tokenizer.vocab_size > np.iinfo(CODES_DTYPE).max + 1:
+        raise ValueError(f"vocab_size {tokenizer.vocab_size} does not fit the uint16 code format")
+    split_dir = Path(out_dir) / split
+    (split_dir / RECORDS_DIR).mkdir(parents=True, exist_ok=True)
+    config = prep_config(source, tokenizer, name, split, shard_size, order_seed)
+    _claim_prep_config(split_dir, config)
+    fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+    mine = [s for s in range(config["num_shards"]) if s % num_tasks == task_id]
+    todo = [s for s in mine if not (split_dir / RECORDS_DIR / f"{shard_name(name, split, s)}.json").exists()]
+    summary = ShardRunSummary(shards_skipped=[shard_name(name, split, s) for s in mine if s not in todo])
+    if summary.shards_skipped:
+        logger.info("task %d/%d: %d shards already complete, %d to write", task_id, num_tasks, len(summary.shards_skipped), len(todo))
+    device, size = _device_of(tokenizer), int(tokenizer.image_size)
+    total = sum(len(source.records[s * shard_size : (s + 1) * shard_size]) for s in todo)
+    threads = decode_threads or min(8, os.cpu_count() or 1)
+    bar = tqdm(total=total, unit="img", disable=not progress, desc=f"{split} task {task_id}")
+    with ThreadPoolExecutor(threads) as pool, bar:
+        def submit(index: int) -> list[tuple[ImageRecord, Future]]:
+            records = source.records[index * shard_size : (index + 1) * shard_size]
+            return [(r, pool.submit(_load, source.root, r, size)) for r in records]
+
+        pending = deque(submit(s) for s in todo[:2])  # decode one shard ahead of the tokenizer
+        for position, index in enumerate(todo):
+            loaded = pending.popleft()
+            if position + 2 < len(todo):
+                pending.append(submit(todo[position + 2]))
+            shard = shard_name(name, split, index)
+            count, skipped = _write_shard(split_dir / shard, loaded, tokenizer, batch_size, device, bar)
+            record = {
+                "shard": shard, "index": index, "num_samples": count, "bytes": (split_dir / shard).stat().st_size,
+                "sha256": file_sha256(split_dir / shard), "skipped": skipped, "fingerprint": fingerprint,
+            }
+            write_atomic(split_dir / RECORDS_DIR / f"{shard}.json", json.dumps(record, indent=1).encode())
+            summary.shards_written.append(shard)
+            summary.images_written += count
+            summary.images_failed += len(skipped)
+    return summary
