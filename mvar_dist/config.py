@@ -23,6 +23,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 
 from mvar_dist.data import DataConfig
+from mvar_dist.launch import LaunchConfig
 from mvar_dist.model import MVARConfig
 
 
@@ -56,6 +57,8 @@ class TrainConfig:
     init_from: str | None = None  # weights to start from (e.g. var_d16.pth for fine-tuning)
     max_consecutive_nonfinite: int = 10  # save and stop after this many non-finite steps in a row
     log_every: int = 1  # metrics to the tracker every N steps
+    val_every_steps: int = 0  # validation pass (data.val_manifest) every N steps and at the end; 0: off
+    val_max_batches: int = 0  # per-rank batches of each validation pass; 0: the whole split
 
 
 @dataclass
@@ -98,11 +101,19 @@ class TrackingConfig:
 
 @dataclass
 class SampleConfig:
-    """Sampling settings published with the model (SEMANTICS 5); used by sample/eval commands."""
+    """Sampling settings published with the model (SEMANTICS 5); used by sample/eval commands,
+    and by the sample grids logged during training (``every_steps`` > 0)."""
 
     cfg: float = 1.5
     top_p: float = 0.96
     top_k: int = 900
+    every_steps: int = 0  # training: log a sample grid every N steps and at the end; 0: off
+    classes: tuple[int, ...] | None = None  # grid rows; None: the first min(model.num_classes, 8) classes
+    per_class: int = 4  # grid columns
+    seed: int = 0  # fixed, so that grids of different steps are comparable
+
+    def grid_classes(self, num_classes: int) -> tuple[int, ...]:
+        return self.classes if self.classes is not None else tuple(range(min(num_classes, 8)))
 
 
 @dataclass
@@ -126,6 +137,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # SLURM resources (mvar-dist submit)
 
     @property
     def peak_lr(self) -> float:
@@ -142,7 +154,8 @@ class ExperimentConfig:
 # seed, the manifest check the tokenizer's weights, and init_from is not read on resume.
 RESUMABLE_CHANGES: tuple[str, ...] = (
     "run.dir", "train.total_steps", "train.log_every", "train.max_consecutive_nonfinite", "train.init_from",
-    "checkpoint", "tracking", "sample", "debug", "data.num_workers", "data.prefetch_windows",
+    "train.val_every_steps", "train.val_max_batches",
+    "checkpoint", "tracking", "sample", "debug", "launch", "data.num_workers", "data.prefetch_windows",
     "data.train_manifest", "data.val_manifest", "data.shard_url_template", "tokenizer.checkpoint",
 )
 
@@ -347,6 +360,7 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
         raise ConfigError("optim: lr must be positive, grad_clip and weight_decay non-negative")
     if config.checkpoint.every_steps < 1 or config.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+    _validate_eval(config)
     try:
         config.data.validate()
     except ValueError as err:
@@ -354,6 +368,30 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
     for name, value in (("train.init_from", train.init_from), ("tokenizer.checkpoint", config.tokenizer.checkpoint)):
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{name}: file {value} does not exist")
+
+
+def _validate_eval(config: ExperimentConfig) -> None:
+    """Periodic validation and sample grids (trainer + mvar_dist.evaluation)."""
+    train, sample = config.train, config.sample
+    for name, value in (("train.val_every_steps", train.val_every_steps), ("train.val_max_batches", train.val_max_batches),
+                        ("sample.every_steps", sample.every_steps)):
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0 (0 turns it off), got {value}")
+    if train.val_every_steps > 0 and not config.data.val_manifest:
+        raise ConfigError(
+            f"train.val_every_steps={train.val_every_steps} needs data.val_manifest (the validation split's "
+            f"manifest.json); set it or use train.val_every_steps=0"
+        )
+    if sample.every_steps > 0:
+        if sample.per_class < 1:
+            raise ConfigError(f"sample.per_class must be >= 1, got {sample.per_class}")
+        classes = sample.grid_classes(config.model.num_classes)
+        bad = [c for c in classes if not 0 <= c <= config.model.num_classes]
+        if not classes or bad:
+            raise ConfigError(
+                f"sample.classes must be a non-empty list of labels in 0..{config.model.num_classes} "
+                f"(model.num_classes = unconditional), got {list(classes)}"
+            )
 
 
 def save_resolved(config: ExperimentConfig, path: Path) -> None:

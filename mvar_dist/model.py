@@ -291,6 +291,15 @@ class MVAR(nn.Module):
             raise ValueError("KV caches are only used in mode='var'; mvar sampling needs no cache")
         return [KVCache() for _ in self.blocks]
 
+    @classmethod
+    def from_pretrained(
+        cls, directory: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> "MVAR":
+        """A model in eval mode from an ``mvar-dist export`` directory (config.json + weights)."""
+        from mvar_dist.export import load_pretrained
+
+        return load_pretrained(directory, dtype=dtype, device=device)
+
     def generate(self, labels: torch.Tensor, tokenizer: Any, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Sample codes and images; see :func:`mvar_dist.sample.generate` for the arguments."""
         from mvar_dist.sample import generate

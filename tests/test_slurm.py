@@ -1,0 +1,399 @@
+"""SLURM launching: sbatch scripts (golden files, templates in sync), bad input, and real jobs on
+the local cluster (.ci/extra.sh starts it; tests that need it skip where sinfo is absent)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mvar_dist.cli import main as cli_main
+from mvar_dist.launch import LaunchConfig, LaunchError, validate_launch
+from mvar_dist.slurm_status import read_job_record, run_status, write_job_record
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden"
+REFERENCE_CONFIG = GOLDEN / "submit_reference.yaml"
+HAVE_SLURM = shutil.which("sinfo") is not None and shutil.which("sbatch") is not None
+needs_cluster = pytest.mark.skipif(
+    not HAVE_SLURM, reason="no SLURM client here (sinfo/sbatch not found); CI starts a local cluster in .ci/extra.sh"
+)
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
+# flags whose value is a path or a submission-time choice, not a resource
+PER_SUBMISSION_FLAGS = ("output", "error", "wckey", "array", "dependency")
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = cli_main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def normalized(script: str, run_dir: Path) -> str:
+    """The script with the two machine-specific strings (run dir, interpreter) as placeholders."""
+    return script.replace(str(run_dir), "<RUN_DIR>").replace(shlex.quote(sys.executable), "<PYTHON>")
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    options = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --"):].partition("=")
+            if key not in PER_SUBMISSION_FLAGS:
+                options[key] = value
+    return options
+
+
+# ----- scripts -----
+
+GOLDEN_SUBMIT_FLAGS = (
+    "--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "8", "--mem", "480G", "--time", "1440",
+    "--partition", "gpu", "--account", "proj", "--qos", "normal", "--constraint", "a100", "--exclusive",
+    "--job-name", "mvar-d16", "--slurm-setup", "module load cuda/12.4", "--slurm-setup", "export NCCL_DEBUG=WARN",
+    "--signal-delay", "180", "--max-requeues", "3",
+)
+
+
+def test_dry_run_matches_golden_file_and_has_the_resources(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    args = ("submit", "--config", str(REFERENCE_CONFIG), f"run.dir={run_dir}", *GOLDEN_SUBMIT_FLAGS, "--dry-run")
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert normalized(out, run_dir) == (GOLDEN / "submit_dry_run.sbatch").read_text()
+    options = sbatch_options(out)
+    expected = {"nodes": "2", "ntasks-per-node": "8", "gpus-per-node": "8", "cpus-per-task": "8", "mem": "480G",
+                "time": "1440", "partition": "gpu", "account": "proj", "qos": "normal", "constraint": "a100",
+                "job-name": "mvar-d16", "signal": "USR2@180"}
+    assert {k: options.get(k) for k in expected} == expected
+    assert "exclusive" in options and "requeue" in options
+    assert "module load cuda/12.4\nexport NCCL_DEBUG=WARN\n" in out
+    assert not run_dir.exists(), "a dry run must not create the run directory"
+    assert run_cli(capsys, *args)[1] == out  # deterministic
+
+
+def test_prep_dry_run_matches_golden_file(capsys, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "tok.pth").write_bytes(b"")
+    code, out, err = run_cli(
+        capsys, "submit-prep", "--array-tasks", "4", "--cpus-per-task", "2", "--time", "30", "--dry-run", "--",
+        str(tmp_path / "images"), "--out", str(tmp_path / "codes"), "--split", "train", "--tokenizer", str(tmp_path / "tok.pth"),
+    )
+    assert code == 0, err
+    assert normalized(out, tmp_path) == (GOLDEN / "submit_prep_dry_run.sbatch").read_text()
+
+
+@pytest.mark.parametrize("template", ["train.sbatch", "prep_array.sbatch", "merge.sbatch"])
+def test_plain_sbatch_templates_match_dry_run(capsys, tmp_path, template):
+    text = (REPO / "slurm" / template).read_text()
+    command = next(line for line in text.splitlines() if line.startswith("# sync-with: "))
+    argv = shlex.split(command[len("# sync-with: mvar-dist "):])
+    (tmp_path / "SOURCE").mkdir()
+    (tmp_path / "TOKENIZER").write_bytes(b"")
+    placeholders = {"SOURCE": str(tmp_path / "SOURCE"), "OUT": str(tmp_path / "OUT"), "TOKENIZER": str(tmp_path / "TOKENIZER")}
+    argv = [placeholders.get(a, a) for a in argv]
+    if argv[0] == "submit":
+        argv.insert(3, f"run.dir={tmp_path / 'run'}")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    if template == "merge.sbatch":
+        out = out.split("# ---- merge job ----")[1]
+    elif template == "prep_array.sbatch":
+        out = out.split("# ---- merge job ----")[0]
+    assert sbatch_options(text) == sbatch_options(out)
+
+
+def _config_has_launch_section() -> bool:
+    import dataclasses
+
+    from mvar_dist.config import ExperimentConfig
+
+    return "launch" in {f.name for f in dataclasses.fields(ExperimentConfig)}
+
+
+@pytest.mark.xfail(not _config_has_launch_section(), strict=True,
+                   reason="ExperimentConfig has no 'launch' section yet (launch.LaunchConfig is to be embedded)")
+def test_resources_default_to_the_config_launch_section(capsys, tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text(REFERENCE_CONFIG.read_text() + "launch:\n  tasks_per_node: 2\n  time: 30\n"
+                      "  partition: debug\n  job_name: from-config\n")
+    code, out, err = run_cli(capsys, "submit", "--config", str(config), f"run.dir={tmp_path / 'run'}",
+                             "train.global_batch_size=32", "--time", "45", "--dry-run")
+    assert code == 0, err
+    options = sbatch_options(out)
+    assert (options["ntasks-per-node"], options["partition"], options["job-name"]) == ("2", "debug", "from-config")
+    assert options["time"] == "45"  # the flag wins over the config
+
+
+# ----- bad input -----
+
+
+def test_launch_validation_names_the_flag():
+    with pytest.raises(LaunchError, match="--nodes"):
+        validate_launch(LaunchConfig(nodes=0))
+    with pytest.raises(LaunchError, match="one task per GPU"):
+        validate_launch(LaunchConfig(gpus_per_node=4, tasks_per_node=2))
+    with pytest.raises(LaunchError, match="--mem"):
+        validate_launch(LaunchConfig(mem="lots"))
+    with pytest.raises(LaunchError, match="--signal-delay"):
+        validate_launch(LaunchConfig(time=2, signal_delay_s=120))
+    validate_launch(LaunchConfig(tasks_per_node=2, time=30))
+
+
+def test_bad_input_fails_before_submitting(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "submit", "--config", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "missing.yaml does not exist" in err
+    code, _, err = run_cli(capsys, "submit", "--config", str(REFERENCE_CONFIG), f"run.dir={run_dir}", "--nodes", "0")
+    assert code == 2 and "--nodes (launch.nodes) must be >= 1, got 0" in err
+    code, _, err = run_cli(capsys, "submit", "--config", str(REFERENCE_CONFIG), f"run.dir={run_dir}", "train.micro_batch_size=3")
+    assert code == 2 and "global_batch_size" in err  # the experiment is checked too, for the job's world size
+    assert not run_dir.exists()
+
+
+def test_status_without_submission_says_so(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "status", str(tmp_path))
+    assert code == 2 and "slurm_job.json not found" in err
+
+
+def test_job_record_keeps_earlier_job_ids(tmp_path):
+    base = {"kind": "train", "cluster": "local", "folder": "f", "stdout": "o", "stderr": "e"}
+    write_job_record(tmp_path, dict(base, job_id="11"))
+    write_job_record(tmp_path, dict(base, job_id="12"))
+    record = read_job_record(tmp_path)
+    assert record["job_id"] == "12" and record["previous_job_ids"] == ["11"]
+    status = run_status(tmp_path)
+    assert status["checkpoint"] is None and status["mlflow"] is None
+
+
+def test_requeues_are_bounded(tmp_path):
+    from mvar_dist.config import config_from_dict
+    from mvar_dist.slurm_job import TrainingJob
+
+    job = TrainingJob(config_from_dict({"run": {"dir": str(tmp_path)}}), max_requeues=2)
+    again = job.checkpoint()
+    assert again.function.requeues == 1 and again.function.config is job.config
+    assert again.function.checkpoint().function.requeues == 2
+    assert TrainingJob(job.config, max_requeues=2, requeues=2).checkpoint() is None
+
+
+# ----- the local cluster -----
+
+
+def wait_for_job(job_id: str, timeout_s: float = 600) -> str:
+    """Poll sacct until the job (every array task) is in a final state; returns the states."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True).stdout
+        states = [line.split()[0] for line in out.splitlines() if line.strip()]
+        if states and all(s in TERMINAL_STATES for s in states):
+            return ",".join(sorted(set(states)))
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} did not finish within {timeout_s} s")
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_unknown_partition_is_refused_before_submitting(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(capsys, "submit", "--config", str(REFERENCE_CONFIG), f"run.dir={run_dir}", "--partition", "nope")
+    assert code == 2 and "partition 'nope' does not exist" in err and "debug" in err
+    assert not run_dir.exists()
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_two_task_job_agrees_on_rendezvous(tmp_path):
+    from mvar_dist.launch import make_executor
+    from mvar_dist.slurm_job import export_rendezvous_env
+
+    executor = make_executor(LaunchConfig(tasks_per_node=2, time=15, job_name="rendezvous-test"), tmp_path)
+    job = executor.submit(export_rendezvous_env, "slurm")  # the job's own code, in a real 2-task job
+    first, second = job.results()
+    assert (first["RANK"], second["RANK"], first["WORLD_SIZE"]) == ("0", "1", "2")
+    assert first["MASTER_ADDR"] == second["MASTER_ADDR"] and first["MASTER_PORT"] == second["MASTER_PORT"]
+    assert (first["LOCAL_RANK"], second["LOCAL_RANK"]) == ("0", "1")
+
+
+TOKENIZER_FLAGS = (
+    "--vocab-size", "64", "--z-channels", "8", "--ch", "32", "--patch-nums", "1,2,3,4",
+    "--tokenizer-options", json.dumps({"ch_mult": [1, 2], "num_res_blocks": 1}),
+)
+
+
+def make_prep_inputs(root: Path) -> tuple[Path, Path]:
+    """A 3-class image folder (12 images) and a tiny random tokenizer checkpoint."""
+    from mvar_dist.tokenizer import MultiScaleVQVAE
+
+    rng = np.random.default_rng(0)
+    for name in ("ant", "bee", "cow"):
+        (root / "images" / name).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "images" / name / f"{name}_{i}.png")
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQVAE(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4), ch_mult=(1, 2), num_res_blocks=1)
+    torch.save(tokenizer.state_dict(), root / "tok.pth")
+    return root / "images", root / "tok.pth"
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_prep_job_array_equals_single_process_run(capsys, tmp_path):
+    images, tokenizer = make_prep_inputs(tmp_path)
+    prep_args = ("--split", "train", "--name", "tiny", "--tokenizer", str(tokenizer), *TOKENIZER_FLAGS,
+                 "--shard-size", "3", "--device", "cpu", "--decode-threads", "1", "--no-progress")
+    code, out, err = run_cli(
+        capsys, "submit-prep", "--array-tasks", "3", "--cpus-per-task", "1", "--time", "15", "--",
+        str(images), "--out", str(tmp_path / "array"), *prep_args,
+    )
+    assert code == 0, err
+    record = read_job_record(tmp_path / "array" / "train")
+    assert code == 0 and record["kind"] == "prep" and record["num_tasks"] == 3
+    # meanwhile, the same prep in one process, as a user without SLURM runs it
+    assert cli_main(["prep", str(images), "--out", str(tmp_path / "single"), *prep_args]) == 0
+    assert wait_for_job(record["merge_job_id"]) == "COMPLETED"
+    assert wait_for_job(record["job_id"]) == "COMPLETED"
+
+    array_manifest = json.loads((tmp_path / "array" / "train" / "manifest.json").read_text())
+    single_manifest = json.loads((tmp_path / "single" / "train" / "manifest.json").read_text())
+    assert array_manifest["num_shards"] == 4 and array_manifest["num_samples"] == 12
+    assert array_manifest == single_manifest
+    for shard in single_manifest["shards"]:
+        a, b = tmp_path / "array" / "train" / shard["name"], tmp_path / "single" / "train" / shard["name"]
+        assert a.read_bytes() == b.read_bytes()
+    status = run_status(tmp_path / "array" / "train")
+    assert status["job"]["state"] == "3 COMPLETED" and status["merge_job"]["state"] == "COMPLETED"
+
+
+# ----- training jobs -----
+
+TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+TRAIN_STEPS = 12
+
+
+def submit_tiny(capsys: pytest.CaptureFixture, tiny_codes, run_dir: Path, *extra: str) -> tuple[list[str], dict]:
+    argv = ["submit", "--config", str(TINY_CONFIG), *tiny_codes.overrides(run_dir), f"train.total_steps={TRAIN_STEPS}",
+            "--cluster", "slurm", "--tasks-per-node", "2", "--time", "15", "--job-name", "slurm-test", *extra]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    record = read_job_record(run_dir)
+    assert f"submitted job {record['job_id']}" in out and str(run_dir) in out
+    return argv, record
+
+
+def metric_history(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    from mvar_dist.tracking import read_run_record
+
+    record = read_run_record(run_dir)
+    client = MlflowClient(tracking_uri=record.tracking_uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(record.run_id, key))
+
+
+def exported_weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from mvar_dist.export import export_run
+
+    return load_file(str(export_run(run_dir, out)))
+
+
+@pytest.fixture(scope="module")
+def completed_run(tiny_codes, tmp_path_factory) -> Path:
+    """A 2-rank CPU training job submitted with `mvar-dist submit` and run to the end."""
+    if not HAVE_SLURM:
+        pytest.skip("no SLURM client here (sinfo/sbatch not found); CI starts a local cluster in .ci/extra.sh")
+    run_dir = tmp_path_factory.mktemp("slurm_train") / "run"
+    argv = ["submit", "--config", str(TINY_CONFIG), *tiny_codes.overrides(run_dir), f"train.total_steps={TRAIN_STEPS}",
+            "--cluster", "slurm", "--tasks-per-node", "2", "--time", "15", "--job-name", "slurm-test"]
+    assert cli_main(argv) == 0  # module scope has no capsys: the CLI prints to the real stdout
+    record = read_job_record(run_dir)
+    assert wait_for_job(record["job_id"]) == "COMPLETED"
+    return run_dir
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_training_job_completes_with_one_rank_logging(completed_run, capsys, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from mvar_dist.export import load_pretrained
+    from mvar_dist.tracking import read_run_record
+
+    run_dir = completed_run
+    record = read_job_record(run_dir)
+    # the script that ran is the one --dry-run prints
+    argv = record["command"][1:]
+    code, out, _ = run_cli(capsys, *argv, "--dry-run")
+    assert code == 0 and out == (Path(record["folder"]) / f"{record['job_id']}_submission.sh").read_text()
+
+    # one value per step: rank 1 logs nothing, and there is a single run
+    losses = metric_history(run_dir, "train/loss")
+    assert [step for step, _ in losses] == list(range(1, TRAIN_STEPS + 1))
+    mlflow_record = read_run_record(run_dir)
+    client = MlflowClient(tracking_uri=mlflow_record.tracking_uri)
+    assert len(client.search_runs([mlflow_record.experiment_id])) == 1
+
+    status = run_status(run_dir)
+    assert status["job"]["state"] == "COMPLETED" and status["job"]["requeues"] == 0
+    assert status["checkpoint"]["step"] == TRAIN_STEPS
+    assert status["mlflow"]["status"] == "FINISHED" and status["mlflow"]["requeues"] == "0"
+
+    exported_weights(run_dir, tmp_path / "export")
+    model = load_pretrained(tmp_path / "export")
+    assert model.config.depth == 2 and sum(p.numel() for p in model.parameters()) > 0
+
+
+KILL_STEP = 8  # a checkpoint step (tiny_cpu saves every 2) after the preemption, before the end
+
+
+@needs_cluster
+@pytest.mark.slow
+def test_preempted_then_killed_job_resumes_to_the_uninterrupted_result(completed_run, tiny_codes, capsys, tmp_path):
+    """USR2 mid-run: checkpoint, requeue, resume. Then every rank dies at a checkpoint, as with a
+    node failure: the job fails and a resubmission resumes from it. The end equals an
+    uninterrupted run: every step logged once, the same values and weights."""
+    run_dir = tmp_path / "run"
+    _, record = submit_tiny(capsys, tiny_codes, run_dir, f"debug.kill_after_checkpoint_step={KILL_STEP}")
+    job_id = record["job_id"]
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while not latest.exists():  # the trainer is in its loop once the first checkpoint exists
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what preemption sends
+    assert wait_for_job(job_id) == "FAILED"  # requeued once, then killed at KILL_STEP
+
+    log = Path(record["stderr"]).read_text()
+    stopped_at = [int(line.rsplit("at step ", 1)[1].split(";")[0]) for line in log.splitlines() if "stopping on SIGUSR2" in line]
+    assert stopped_at and stopped_at[0] < KILL_STEP, "the signal must interrupt the run before the kill"
+    assert "resumed from" in log and latest.read_text().strip() == f"step_{KILL_STEP:08d}"
+    status = run_status(run_dir)
+    assert status["job"]["requeues"] == 1 and status["mlflow"]["requeues"] == "1"
+    assert status["mlflow"]["slurm_restart_count"] == "1"
+
+    _, again = submit_tiny(capsys, tiny_codes, run_dir, "debug.kill_after_checkpoint_step=null")
+    assert again["previous_job_ids"] == [job_id]
+    assert wait_for_job(again["job_id"]) == "COMPLETED"
+    assert f"resumed from step_{KILL_STEP:08d}" in Path(again["stderr"]).read_text()
+
+    # no step lost or repeated, the same values as the uninterrupted run, the same final weights
+    # (tolerances as tests/test_train.py's resume test: the trainer's resume is meant to be exact)
+    got, expected = metric_history(run_dir, "train/loss"), metric_history(completed_run, "train/loss")
+    assert [step for step, _ in got] == list(range(1, TRAIN_STEPS + 1))
+    torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in expected]))
+    resumed = exported_weights(run_dir, tmp_path / "resumed")
+    uninterrupted = exported_weights(completed_run, tmp_path / "uninterrupted")
+    assert resumed.keys() == uninterrupted.keys()
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) <= 1e-6
