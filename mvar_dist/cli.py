@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "verify-shards": ("mvar_dist.data_prep.verify", "main", "check code shards against their manifest (checksums, counts, code ranges)"),
     "export": ("mvar_dist.export", "main", "consolidate a run's ZeRO checkpoint into model.safetensors + config.json (or the released .pth)"),
     "sample": ("mvar_dist.sample_cli", "main", "sample an exported model: a PNG grid per class, or the ADM evaluator's .npz (--npz)"),
+    "quickstart": ("mvar_dist.quickstart", "main", "the whole chain on CPU in minutes: digits -> tokenizer -> shards -> train (2 ranks) -> export -> judged samples"),
     "compare": ("mvar_dist.compare", "main", "compare MLflow runs of an experiment: markdown table of metrics + PNG plots"),
 }
 

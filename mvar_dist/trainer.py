@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mvar_dist import engine as engine_lib
+from mvar_dist import evaluation
 from mvar_dist.config import (
     RESUMABLE_CHANGES, ConfigError, ExperimentConfig, compatibility_hash, incompatible_keys, save_resolved, validate,
 )
@@ -52,6 +53,7 @@ class Trainer:
         self.checkpoint_dir = self.run_dir / CHECKPOINT_SUBDIR
         self.config_dict = config.to_dict()
         self.stop = StopFlag()
+        self.val_loader: Any = None
 
     # ----- setup -----
 
@@ -74,23 +76,27 @@ class Trainer:
                 )
         return point
 
-    def _build_data(self, tokenizer: Any) -> Any:
+    def _build_data(self, tokenizer: Any) -> tuple[Any, Any]:
+        """The train loader and, with ``train.val_every_steps``, the validation loader (else None)."""
         from mvar_dist import data as data_lib
 
+        model, batch = self.config.model, self.config.train.micro_batch_size
+        loaders = []
         try:
-            loader = data_lib.build_train_loader(
-                self.config.data, rank=self.rank, world_size=self.world, batch_size=self.config.train.micro_batch_size,
-            )
-            model = self.config.model
-            data_lib.check_manifest_matches(loader.manifest, model.patch_nums, model.vocab_size, tokenizer.identity())
+            loaders.append(data_lib.build_train_loader(self.config.data, rank=self.rank, world_size=self.world, batch_size=batch))
+            if self.config.train.val_every_steps > 0:
+                loaders.append(data_lib.build_val_loader(self.config.data, rank=self.rank, world_size=self.world, batch_size=batch))
+            for loader in loaders:
+                data_lib.check_manifest_matches(loader.manifest, model.patch_nums, model.vocab_size, tokenizer.identity())
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"data: {err}") from None
-        if int(loader.manifest.num_classes) > self.config.model.num_classes:
-            raise ConfigError(
-                f"data: {loader.manifest.location} has {loader.manifest.num_classes} classes but "
-                f"model.num_classes is {self.config.model.num_classes}"
-            )
-        return loader
+        for loader in loaders:
+            if int(loader.manifest.num_classes) > model.num_classes:
+                raise ConfigError(
+                    f"data: {loader.manifest.location} has {loader.manifest.num_classes} classes but "
+                    f"model.num_classes is {model.num_classes}"
+                )
+        return loaders[0], (loaders[1] if len(loaders) > 1 else None)
 
     def _init_distributed(self) -> torch.device:
         cuda = torch.cuda.is_available()
@@ -120,7 +126,7 @@ class Trainer:
     def run(self) -> int:
         point = self._check_before_compute()
         tokenizer = build_tokenizer(self.config, torch.device("cpu"))
-        loader = self._build_data(tokenizer)
+        loader, self.val_loader = self._build_data(tokenizer)
         device = self._init_distributed()
         tokenizer = tokenizer.to(device)
         if self.rank == 0:
@@ -187,7 +193,9 @@ class Trainer:
                 consecutive_nonfinite += 1
                 logger.warning("step %d: non-finite loss or gradients; the optimizer step was skipped", step)
             if step % cfg.train.log_every == 0 or step == cfg.train.total_steps:
-                tracker.log_metrics(self._metrics(engine, lr, sums, reduced, applied), step)
+                tracker.log_metrics(self._metrics(engine, lr, sums, reduced, applied, step), step)
+            # before the checkpoint, whose flush then covers these metrics too
+            self._evaluate(engine, model, tokenizer, tracker, step, device)
             too_many = consecutive_nonfinite >= cfg.train.max_consecutive_nonfinite
             stopping = reduced["stop_ranks"] > 0
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.total_steps or stopping or too_many:
@@ -203,11 +211,23 @@ class Trainer:
                 return "KILLED"
         return "FINISHED"
 
+    def _evaluate(self, engine: Any, model: Any, tokenizer: Any, tracker: Any, step: int, device: torch.device) -> None:
+        """Validation (every rank) and the sample grid (rank 0) when due; see mvar_dist.evaluation."""
+        train, total = self.config.train, self.config.train.total_steps
+        if self.val_loader is not None and evaluation.is_due(train.val_every_steps, step, total):
+            metrics = evaluation.validate(engine, model, tokenizer, self.val_loader, train.val_max_batches, device)
+            tracker.log_metrics(metrics, step)
+            logger.info("step %d: val/loss %.4f val/acc %.2f", step, metrics.get("val/loss", float("nan")),
+                        metrics.get("val/acc", float("nan")))
+        if evaluation.is_due(self.config.sample.every_steps, step, total):
+            evaluation.log_sample_grid(engine, model, tokenizer, self.config, tracker, step, self.rank, device)
+
     def _metrics(self, engine: Any, lr: float, sums: torch.Tensor, reduced: dict[str, float],
-                 applied: bool) -> dict[str, float]:
+                 applied: bool, step: int) -> dict[str, float]:
         step_time = max(reduced["step_time"], 1e-9)
         metrics = {
             "train/loss": reduced["loss_sum"] / max(reduced["micro_batches"], 1),
+            "train/images_seen": float(step * self.config.train.global_batch_size),
             "lr": lr,
             "images_per_s": reduced["images"] / step_time,
             "tokens_per_s": reduced["tokens"] / step_time,
