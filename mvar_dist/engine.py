@@ -30,7 +30,13 @@ from mvar_dist.config import ConfigError, ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+# configs/deepspeed/ sits at the repository top level (editable installs, checkouts); a regular
+# install carries a copy inside the package (see pyproject.toml).
+_TEMPLATE_CANDIDATES = (
+    Path(__file__).resolve().parent / "configs" / "deepspeed",
+    Path(__file__).resolve().parent.parent / "configs" / "deepspeed",
+)
+TEMPLATE_DIR = next((p for p in _TEMPLATE_CANDIDATES if p.is_dir()), _TEMPLATE_CANDIDATES[-1])
 LATEST_FILE = "latest"
 RUN_STATE_FILE = "run_state.json"
 _TAG_PATTERN = re.compile(r"^step_(\d{8})$")

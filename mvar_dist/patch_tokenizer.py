@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mvar_dist.scales import ScaleLayout
-from mvar_dist.tokenizer import Codes, MultiScaleQuantizer, TokenizerConfig, state_dict_sha256
+from mvar_dist.tokenizer import Codes, MultiScaleQuantizer, TokenizerConfig, check_codes, state_dict_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -241,25 +241,7 @@ class PatchResidualTokenizer(nn.Module):
             raise ValueError(f"images must be float tensors in [-1, 1], got dtype {img.dtype}")
 
     def _check_codes(self, codes: Codes) -> list[torch.Tensor]:
-        if isinstance(codes, torch.Tensor):
-            if codes.dim() != 2:
-                raise ValueError(f"flat codes must have shape (B, {self.layout.num_tokens}), got {tuple(codes.shape)}")
-            codes = self.layout.split(codes, dim=1)
-        codes = list(codes)
-        if len(codes) != self.layout.num_scales:
-            raise ValueError(f"expected codes for {self.layout.num_scales} scales (patch_nums={self.patch_nums}), got {len(codes)}")
-        for scale, codes_s in enumerate(codes):
-            length = self.layout.scale_len(scale)
-            if codes_s.dim() != 2 or codes_s.shape != (codes[0].shape[0], length):
-                raise ValueError(f"codes of scale {scale} must have shape ({codes[0].shape[0]}, {length}), got {tuple(codes_s.shape)}")
-            if codes_s.is_floating_point() or codes_s.dtype == torch.bool:
-                raise ValueError(f"codes must be integer tensors, scale {scale} has dtype {codes_s.dtype}")
-            if codes_s.numel() and (int(codes_s.min()) < 0 or int(codes_s.max()) >= self.vocab_size):
-                raise ValueError(
-                    f"codes must lie in [0, {self.vocab_size}); scale {scale} has values in "
-                    f"[{int(codes_s.min())}, {int(codes_s.max())}]"
-                )
-        return [c.long() for c in codes]
+        return check_codes(codes, self.layout, self.vocab_size)
 
     # ---- identity, saving and loading ----
 

@@ -175,6 +175,42 @@ class MultiScaleQuantizer(nn.Module):
         return torch.cat(pieces, dim=1)
 
 
+def check_codes(codes: Codes, layout: ScaleLayout, vocab_size: int) -> list[torch.Tensor]:
+    """Validate codes given per scale or flat (B, L); returns one long tensor per scale."""
+    if isinstance(codes, torch.Tensor):
+        if codes.dim() != 2:
+            raise ValueError(
+                f"flat codes must have shape (B, {layout.num_tokens}), got {tuple(codes.shape)}"
+            )
+        codes = layout.split(codes, dim=1)
+    codes = list(codes)
+    if len(codes) != layout.num_scales:
+        raise ValueError(
+            f"expected codes for {layout.num_scales} scales (patch_nums={layout.patch_nums}), "
+            f"got {len(codes)}"
+        )
+    batch = codes[0].shape[0] if codes[0].dim() == 2 else "B"
+    for scale, codes_s in enumerate(codes):
+        length = layout.scale_len(scale)
+        if tuple(codes_s.shape) != (batch, length):
+            raise ValueError(
+                f"codes of scale {scale} must have shape ({batch}, {length}), got {tuple(codes_s.shape)}"
+            )
+        if codes_s.is_floating_point() or codes_s.is_complex() or codes_s.dtype == torch.bool:
+            raise ValueError(
+                f"codes must be integer tensors, scale {scale} has dtype {codes_s.dtype}"
+            )
+    if codes[0].numel():
+        # one host sync for all scales: this runs every training step
+        extremes = torch.stack([torch.stack(torch.aminmax(c.long())) for c in codes])
+        low, high = torch.stack((extremes[:, 0].min(), extremes[:, 1].max())).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"codes must lie in [0, {vocab_size}), got values in [{low}, {high}]"
+            )
+    return [c.long() for c in codes]
+
+
 class MultiScaleVQVAE(nn.Module):
     """The frozen VAR tokenizer: images <-> multi-scale codes, and the transformer's teacher input.
 
@@ -269,38 +305,7 @@ class MultiScaleVQVAE(nn.Module):
             raise ValueError(f"img_to_codes expects float images in [-1, 1], got dtype {img.dtype}")
 
     def _check_codes(self, codes: Codes) -> list[torch.Tensor]:
-        if isinstance(codes, torch.Tensor):
-            if codes.dim() != 2:
-                raise ValueError(
-                    f"flat codes must have shape (B, {self.layout.num_tokens}), got {tuple(codes.shape)}"
-                )
-            codes = self.layout.split(codes, dim=1)
-        codes = list(codes)
-        if len(codes) != self.layout.num_scales:
-            raise ValueError(
-                f"expected codes for {self.layout.num_scales} scales (patch_nums={self.patch_nums}), "
-                f"got {len(codes)}"
-            )
-        batch = codes[0].shape[0] if codes[0].dim() == 2 else "B"
-        for scale, codes_s in enumerate(codes):
-            length = self.layout.scale_len(scale)
-            if tuple(codes_s.shape) != (batch, length):
-                raise ValueError(
-                    f"codes of scale {scale} must have shape ({batch}, {length}), got {tuple(codes_s.shape)}"
-                )
-            if codes_s.is_floating_point() or codes_s.is_complex() or codes_s.dtype == torch.bool:
-                raise ValueError(
-                    f"codes must be integer tensors, scale {scale} has dtype {codes_s.dtype}"
-                )
-        if codes[0].numel():
-            # one host sync for all scales: this runs every training step
-            extremes = torch.stack([torch.stack(torch.aminmax(c.long())) for c in codes])
-            low, high = torch.stack((extremes[:, 0].min(), extremes[:, 1].max())).tolist()
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(
-                    f"codes must lie in [0, {self.vocab_size}), got values in [{low}, {high}]"
-                )
-        return [c.long() for c in codes]
+        return check_codes(codes, self.layout, self.vocab_size)
 
     # ---- identity and loading ----
 
