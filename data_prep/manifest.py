@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from mvar_dist.data_prep.sample_format import CLS_FIELD, CODES_FIELD, META_FIELD
-from mvar_dist.data_prep.shard import PREP_FILE, RECORDS_DIR, shard_name, write_atomic
+from mvar_dist.atomic import write_json
+from mvar_dist.data_prep.shard import PREP_FILE, RECORDS_DIR, shard_name
 from mvar_dist.scales import ScaleLayout
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,6 @@ def merge_manifest(out_dir: str | Path, split: str) -> Path:
         "skipped": skipped,
     }
     path = split_dir / MANIFEST_NAME
-    write_atomic(path, json.dumps(manifest, indent=1).encode())
+    write_json(path, manifest)
     logger.info("wrote %s: %d samples in %d shards, %d images skipped", path, manifest["num_samples"], len(shards), len(skipped))
     return path

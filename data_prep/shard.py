@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import mvar_dist
+from mvar_dist.atomic import write_json
 from mvar_dist.data_prep import preprocess
 from mvar_dist.data_prep.sample_format import CODES_DTYPE, ShardWriter, encode_meta
 from mvar_dist.data_prep.sources import ImageRecord, ImageSource
@@ -58,16 +59,6 @@ class ShardRunSummary:
 
 def shard_name(name: str, split: str, index: int) -> str:
     return f"{name}-{split}-{index:06d}.tar"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a private temporary name and an atomic rename."""
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prep_config(
@@ -106,7 +97,7 @@ def _claim_prep_config(split_dir: Path, config: dict[str, Any]) -> None:
                 "use another --out directory, or delete it to start over"
             )
         return
-    write_atomic(path, json.dumps(config, indent=1).encode())
+    write_json(path, config)
 
 
 def _device_of(tokenizer: Tokenizer) -> torch.device:
@@ -225,7 +216,7 @@ def shard_dataset(
                 "shard": shard, "index": index, "num_samples": count, "bytes": (split_dir / shard).stat().st_size,
                 "sha256": file_sha256(split_dir / shard), "skipped": skipped, "fingerprint": fingerprint,
             }
-            write_atomic(split_dir / RECORDS_DIR / f"{shard}.json", json.dumps(record, indent=1).encode())
+            write_json(split_dir / RECORDS_DIR / f"{shard}.json", record)
             summary.shards_written.append(shard)
             summary.images_written += count
             summary.images_failed += len(skipped)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mvar_dist.atomic import write_bytes, write_json
 from mvar_dist.config import ConfigError, ExperimentConfig
 
 logger = logging.getLogger(__name__)
@@ -231,12 +232,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     engine: Any,
     checkpoint_dir: Path,
@@ -255,10 +250,10 @@ def save_checkpoint(
     torch.save(rank_state, tmp)
     os.replace(tmp, tag_dir / f"rank_{rank:05d}.pt")
     if rank == 0:
-        _write_atomic(tag_dir / RUN_STATE_FILE, json.dumps(run_state, indent=1).encode())
+        write_json(tag_dir / RUN_STATE_FILE, run_state)
     _barrier()
     if rank == 0:
-        _write_atomic(checkpoint_dir / LATEST_FILE, (tag + "\n").encode())
+        write_bytes(checkpoint_dir / LATEST_FILE, (tag + "\n").encode())
         prune_checkpoints(checkpoint_dir, keep_last)
     _barrier()
     logger.info("saved checkpoint %s", tag_dir)

@@ -17,12 +17,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from mvar_dist.atomic import write_json, write_via_temp
 from mvar_dist import __version__
 
 logger = logging.getLogger(__name__)
@@ -198,17 +198,6 @@ def official_state_dict(state: dict[str, torch.Tensor], model_config: Any) -> di
 # ----- writing -----
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _match_model(state: dict[str, torch.Tensor], model_config: Any, source: str) -> dict[str, torch.Tensor]:
     """``state`` in the model's own key order (DeepSpeed returns optimizer-group order), after
     checking that every key and shape matches the model config."""
@@ -257,14 +246,14 @@ def export_run(
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)  # an interrupted re-export must not look complete
     if fmt == "safetensors":
         weights = out_dir / SAFETENSORS_FILE
-        _write_atomic(weights, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        write_via_temp(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     else:
         official = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in official_state_dict(state, model_config).items()}
         weights = out_dir / f"{model_config.mode}_d{model_config.depth}.pth"
-        _write_atomic(weights, lambda tmp: torch.save(official, tmp))
+        write_via_temp(weights, lambda tmp: torch.save(official, tmp))
     metadata["weights"] = weights.name
     # config.json last: its presence marks a complete export
-    _write_atomic(out_dir / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(metadata, indent=2) + "\n"))
+    write_json(out_dir / CONFIG_FILE, metadata, indent=2)
     logger.info("exported %s (%s, %s) to %s", checkpoint_dir / tag, fmt, dtype, weights)
     return weights
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mvar_dist.atomic import write_via_temp
 from mvar_dist.scales import ScaleLayout
 from mvar_dist.tokenizer import Codes, MultiScaleQuantizer, TokenizerConfig, check_codes, state_dict_sha256
 
@@ -263,14 +262,7 @@ class PatchResidualTokenizer(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         metadata = {_CONFIG_METADATA_KEY: json.dumps(self.config.to_dict())}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_via_temp(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return path
 
     @classmethod

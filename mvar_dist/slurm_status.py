@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
+
+from mvar_dist.atomic import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,7 @@ def write_job_record(run_dir: Path, record: dict[str, Any]) -> Path:
     record = dict(record, submitted_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   previous_job_ids=previous)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, record, indent=2)
     return path
 
 

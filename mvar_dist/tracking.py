@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from mvar_dist.atomic import write_json
 from mvar_dist import __version__
 
 logger = logging.getLogger(__name__)
@@ -47,9 +48,7 @@ class RunRecord:
 
 def write_run_record(run_dir: Path, record: RunRecord) -> None:
     path = Path(run_dir) / RUN_RECORD_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, asdict(record), indent=2)
 
 
 def read_run_record(run_dir: Path) -> RunRecord | None:

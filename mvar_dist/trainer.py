@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from mvar_dist import engine as engine_lib
 from mvar_dist import evaluation

@@ -12,7 +12,8 @@ from PIL import Image
 
 from mvar_dist import __version__
 from mvar_dist.cli import main as cli_main
-from mvar_dist.export import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE, _write_atomic
+from mvar_dist.atomic import write_via_temp
+from mvar_dist.export import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE
 from mvar_dist.images import compose_grid
 from mvar_dist.model import MVAR, MVARConfig
 from mvar_dist.patch_tokenizer import PatchResidualTokenizer, QuickstartTokenizerConfig
@@ -37,7 +38,7 @@ def export_tiny(directory: Path, tokenizer, tokenizer_path: Path, kind: str, sam
     model = MVAR(config)
     directory.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(directory / SAFETENSORS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_via_temp(directory / SAFETENSORS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     metadata = {
         "format": EXPORT_FORMAT, "mvar_dist_version": __version__, "dtype": "float32",
         "model": config.to_dict(), "patch_nums": list(config.patch_nums),
