@@ -17,6 +17,8 @@ from typing import IO
 import numpy as np
 import torch
 
+from mvar_dist.atomic import write_via_temp
+
 
 def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
     """Images (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), rounded to the nearest level."""
@@ -57,13 +59,8 @@ def write_png(image: np.ndarray, path: str | Path) -> Path:
     from PIL import Image
 
     path = Path(path)
-    tmp = _temporary_path(path)
-    try:
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_via_temp(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
     return path
 
 
