@@ -2,13 +2,13 @@
 
 Image ``i`` of the source's (sorted, hash-shuffled) list goes to shard ``i // shard_size``;
 task ``t`` of ``T`` writes the shards ``s`` with ``s % T == t``. Tasks therefore never
-coordinate, and the shards do not depend on how many tasks wrote them. A shard is written as
-``<shard>.tar.tmp`` and renamed when complete; then its record ``_records/<shard>.json``
+coordinate, and the shards do not depend on how many tasks wrote them. A shard is written under
+a temporary name and renamed when complete; then its record ``_records/<shard>.json``
 (sample count, sha256, skipped images) is written the same way. A shard counts as done when its
 record exists: reruns skip it, and rewrite shards whose record is missing.
 
-The tokenizer is any object with ``img_to_codes(img (B,3,H,W) in [-1,1]) -> list of (B, pn*pn)``,
-``vocab_size``, ``patch_nums``, ``image_size`` and ``identity()``.
+The tokenizer is any :class:`~mvar_dist.tokenizer.Tokenizer` (``img_to_codes``, ``vocab_size``,
+``patch_nums``, ``image_size`` and ``identity()`` are what prep uses).
 """
 
 from __future__ import annotations
@@ -21,32 +21,23 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import mvar_dist
-from mvar_dist.atomic import write_json
+from mvar_dist.atomic import remove_leftovers, write_json, write_via_temp
 from mvar_dist.data_prep import preprocess
-from mvar_dist.data_prep.sample_format import CODES_DTYPE, ShardWriter, encode_meta
+from mvar_dist.shards.format import CODES_DTYPE, ShardWriter, encode_meta
 from mvar_dist.data_prep.sources import ImageRecord, ImageSource
+from mvar_dist.tokenizer.base import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 RECORDS_DIR = "_records"
 PREP_FILE = "prep.json"
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-    patch_nums: Sequence[int]
-    image_size: int
-
-    def img_to_codes(self, img: torch.Tensor) -> list[torch.Tensor]: ...
-
-    def identity(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -128,30 +119,33 @@ def _write_shard(
     path: Path, loaded: list[tuple[ImageRecord, Future]], tokenizer: Tokenizer, batch_size: int,
     device: torch.device, bar: tqdm,
 ) -> tuple[int, list[dict[str, str]]]:
-    tmp = path.with_name(path.name + ".tmp")
     skipped: list[dict[str, str]] = []
     count = 0
-    with open(tmp, "wb") as f:
-        writer = ShardWriter(f)
-        for start in range(0, len(loaded), batch_size):
-            good = []
-            for record, future in loaded[start : start + batch_size]:
-                result = future.result()
-                if isinstance(result, str):
-                    logger.warning("skipping %s: %s", record.relative_path, result)
-                    skipped.append({"path": record.relative_path, "reason": result})
-                else:
-                    good.append((record, result))
-            if good:
-                codes = tokenize_views(tokenizer, np.stack([array for _, (array, _) in good]), device)
-                for (record, (_, size)), sample_codes in zip(good, codes):
-                    writer.write(record.key, record.label, sample_codes, encode_meta(record.relative_path, size))
-                count += len(good)
-            bar.update(min(batch_size, len(loaded) - start))
-        writer.close()
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    for leftover in remove_leftovers(path):  # this task owns the shard: what a killed run left is ours
+        logger.info("removed %s, left by an interrupted run", leftover)
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with open(tmp, "wb") as f:
+            writer = ShardWriter(f)
+            for start in range(0, len(loaded), batch_size):
+                good = []
+                for record, future in loaded[start : start + batch_size]:
+                    result = future.result()
+                    if isinstance(result, str):
+                        logger.warning("skipping %s: %s", record.relative_path, result)
+                        skipped.append({"path": record.relative_path, "reason": result})
+                    else:
+                        good.append((record, result))
+                if good:
+                    codes = tokenize_views(tokenizer, np.stack([array for _, (array, _) in good]), device)
+                    for (record, (_, size)), sample_codes in zip(good, codes):
+                        writer.write(record.key, record.label, sample_codes, encode_meta(record.relative_path, size))
+                    count += len(good)
+                bar.update(min(batch_size, len(loaded) - start))
+            writer.close()
+
+    write_via_temp(path, write)
     return count, skipped
 
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvar_dist.data_prep.sample_format import key_from_path
+from mvar_dist.shards.format import key_from_path
 
 logger = logging.getLogger(__name__)
 

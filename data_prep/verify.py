@@ -1,4 +1,4 @@
-"""``mvar-dist verify-shards``: check every shard of one or more manifests.
+"""Checking code shards against their manifest (``mvar-dist verify-shards``).
 
 Per shard: the file exists and its size and sha256 match the manifest; it parses as a tar to
 its end; it holds exactly the manifest's number of samples, with unique keys; every sample has
@@ -8,15 +8,14 @@ its end; it holds exactly the manifest's number of samples, with unique keys; ev
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvar_dist.data import Manifest, load_manifest
-from mvar_dist.data_prep.sample_format import CLS_FIELD, CODES_FIELD, FIELDS, decode_codes, decode_label
-from mvar_dist.data_prep.tar_reader import ShardReadError, iter_samples
+from mvar_dist.shards.format import CLS_FIELD, CODES_FIELD, FIELDS, decode_codes, decode_label
+from mvar_dist.shards.manifest import Manifest, load_manifest
+from mvar_dist.shards.tar_reader import ShardReadError, iter_samples
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +92,6 @@ def check_shard(manifest: Manifest, index: int) -> tuple[int, str | None]:
     return count, None
 
 
-def find_manifests(target: str | Path) -> list[Path]:
-    """A manifest file, a split directory holding manifest.json, or a prep output directory."""
-    target = Path(target)
-    if target.is_file():
-        return [target]
-    if (target / "manifest.json").is_file():
-        return [target / "manifest.json"]
-    found = sorted(target.glob("*/manifest.json"))
-    if not found:
-        raise FileNotFoundError(f"no manifest.json at {target} or in its sub-directories")
-    return found
-
-
 def verify_manifest(path: str | Path) -> VerifyReport:
     manifest = load_manifest(path)
     report = VerifyReport(str(path))
@@ -119,16 +105,3 @@ def verify_manifest(path: str | Path) -> VerifyReport:
             report.bad_shards[entry["name"]] = problem
             logger.error("BAD %s: %s", entry["name"], problem)
     return report
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mvar-dist verify-shards", description=__doc__.split("\n")[0])
-    parser.add_argument("target", help="manifest.json, a split directory, or a prep --out directory (all splits)")
-    args = parser.parse_args(argv)
-    reports = [verify_manifest(path) for path in find_manifests(args.target)]
-    for report in reports:
-        status = "OK" if report.ok else f"{len(report.bad_shards)} BAD"
-        print(f"{report.manifest}: {report.shards_checked} shards, {report.samples_checked} samples: {status}")
-        for name, problem in report.bad_shards.items():
-            print(f"  bad shard {name}: {problem}")
-    return 0 if all(r.ok for r in reports) else 1

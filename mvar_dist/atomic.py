@@ -13,17 +13,46 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def write_via_temp(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` to produce the file at a temporary path, then rename it to ``path``."""
+def temporary_sibling(path: str | Path) -> Path:
+    """A new, empty file beside ``path`` (same file system, so the final rename is atomic)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    return Path(tmp_name)
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete the temporary siblings of ``path`` that a killed writer left behind (the names
+    :func:`temporary_sibling` makes, and the ``<name>.tmp`` of earlier versions); returns them.
+    Only for paths this process owns: another live writer's temporary file would go too."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = [*path.parent.glob(f".{glob_escape(path.name)}.*.tmp"), path.with_name(path.name + ".tmp")]
+    removed = [p for p in found if p.is_file()]
+    for leftover in removed:
+        leftover.unlink(missing_ok=True)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Make the finished temporary file ``tmp`` durable and move it to ``path`` in one step."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_via_temp(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` to produce the file at a temporary path, then rename it to ``path``."""
+    tmp = temporary_sibling(path)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,4 +1,5 @@
-"""``mvar-dist`` command line: one subcommand per user task, each implemented in its own module.
+"""``mvar-dist`` command line: one subcommand per user task, each in its own module of
+:mod:`mvar_dist.commands`, named after it.
 
 Subcommand modules are imported lazily so that ``mvar-dist --help`` stays fast and a command
 never pays for the imports of another (DeepSpeed, MLflow, submitit are heavy).
@@ -13,17 +14,17 @@ from typing import Callable, Sequence
 
 # name -> (module, function, one-line help); the function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("mvar_dist.train", "main", "train MVAR or VAR with DeepSpeed on code shards (--nproc N: N local ranks)"),
-    "submit": ("mvar_dist.launch", "main", "submit a training run to SLURM with submitit (--dry-run: print the sbatch script)"),
-    "submit-prep": ("mvar_dist.launch_prep", "main", "run prep as a SLURM job array, then merge the manifest in a dependent job"),
-    "status": ("mvar_dist.slurm_status", "main", "state of a submitted run: SLURM job, requeues, last checkpoint, MLflow run"),
-    "jobs": ("mvar_dist.slurm_status", "main", "alias of status"),
-    "prep": ("mvar_dist.data_prep.cli", "main", "tokenize an image folder into WebDataset code shards (--merge: write the manifest)"),
-    "verify-shards": ("mvar_dist.data_prep.verify", "main", "check code shards against their manifest (checksums, counts, code ranges)"),
-    "export": ("mvar_dist.export", "main", "consolidate a run's ZeRO checkpoint into model.safetensors + config.json (or the released .pth)"),
-    "sample": ("mvar_dist.sample_cli", "main", "sample an exported model: a PNG grid per class, or the ADM evaluator's .npz (--npz)"),
-    "quickstart": ("mvar_dist.quickstart", "main", "the whole chain on CPU in minutes: digits -> tokenizer -> shards -> train (2 ranks) -> export -> judged samples"),
-    "compare": ("mvar_dist.compare", "main", "compare MLflow runs of an experiment: markdown table of metrics + PNG plots"),
+    "train": ("mvar_dist.commands.train", "main", "train MVAR or VAR with DeepSpeed on code shards (--nproc N: N local ranks)"),
+    "submit": ("mvar_dist.commands.submit", "main", "submit a training run to SLURM with submitit (--dry-run: print the sbatch script)"),
+    "submit-prep": ("mvar_dist.commands.submit_prep", "main", "run prep as a SLURM job array, then merge the manifest in a dependent job"),
+    "status": ("mvar_dist.commands.status", "main", "state of a submitted run: SLURM job, requeues, last checkpoint, MLflow run"),
+    "jobs": ("mvar_dist.commands.status", "main", "alias of status"),
+    "prep": ("mvar_dist.commands.prep", "main", "tokenize an image folder into WebDataset code shards (--merge: write the manifest)"),
+    "verify-shards": ("mvar_dist.commands.verify_shards", "main", "check code shards against their manifest (checksums, counts, code ranges)"),
+    "export": ("mvar_dist.commands.export", "main", "consolidate a run's ZeRO checkpoint into model.safetensors + config.json (or the released .pth)"),
+    "sample": ("mvar_dist.commands.sample", "main", "sample an exported model: a PNG grid per class, or the ADM evaluator's .npz (--npz)"),
+    "quickstart": ("mvar_dist.commands.quickstart", "main", "the whole chain on CPU in minutes: digits -> tokenizer -> shards -> train (2 ranks) -> export -> judged samples"),
+    "compare": ("mvar_dist.commands.compare", "main", "compare MLflow runs of an experiment: markdown table of metrics + PNG plots"),
 }
 
 

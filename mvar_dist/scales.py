@@ -60,10 +60,6 @@ class ScaleLayout:
     def scale_len(self, scale: int) -> int:
         return self.patch_nums[scale] ** 2
 
-    def scale_slice(self, scale: int) -> slice:
-        begin, end = self.begin_ends[scale]
-        return slice(begin, end)
-
     @cached_property
     def scale_ids(self) -> torch.Tensor:
         """(L,) long tensor: the scale index of every token."""
@@ -89,9 +85,6 @@ class ScaleLayout:
         scales = self.check_scales(scales)
         return torch.cat([torch.arange(*self.begin_ends[s]) for s in scales])
 
-    def num_tokens_of(self, scales: Sequence[int]) -> int:
-        return sum(self.scale_len(s) for s in self.check_scales(scales))
-
     def split(self, flat: torch.Tensor, dim: int = 1) -> list[torch.Tensor]:
         """Split a tensor holding all L tokens along ``dim`` into one tensor per scale."""
         if flat.shape[dim] != self.num_tokens:
@@ -100,18 +93,6 @@ class ScaleLayout:
                 f"{self.patch_nums}, got shape {tuple(flat.shape)}"
             )
         return list(torch.split(flat, [self.scale_len(s) for s in range(self.num_scales)], dim=dim))
-
-    def concat(self, per_scale: Sequence[torch.Tensor], dim: int = 1) -> torch.Tensor:
-        """Inverse of :meth:`split`; checks every scale has the right number of tokens."""
-        if len(per_scale) != self.num_scales:
-            raise ValueError(f"expected {self.num_scales} scales, got {len(per_scale)}")
-        for s, t in enumerate(per_scale):
-            if t.shape[dim] != self.scale_len(s):
-                raise ValueError(
-                    f"scale {s} ({self.patch_nums[s]}x{self.patch_nums[s]}) needs "
-                    f"{self.scale_len(s)} tokens, got shape {tuple(t.shape)}"
-                )
-        return torch.cat(list(per_scale), dim=dim)
 
 
 def phi_index(scale: int, num_scales: int, num_convs: int = 4) -> int:
@@ -128,6 +109,7 @@ def phi_index(scale: int, num_scales: int, num_convs: int = 4) -> int:
     margin = 1 / (3 * num_convs) if num_convs == 4 else 1 / (2 * num_convs)
     ticks = np.linspace(margin, 1 - margin, num_convs)
     return int(np.argmin(np.abs(ticks - relative)))
+
 
 def scale_groups(num_scales: int, refine_step: int) -> list[tuple[int, ...]]:
     """The published grouping: every scale below ``refine_step`` in one block-diagonal pass,

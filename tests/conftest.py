@@ -42,7 +42,7 @@ def write_tiny_images(root: Path, classes: int, per_class: int, seed: int = 0) -
 @pytest.fixture(scope="session")
 def tiny_codes(tmp_path_factory: pytest.TempPathFactory) -> TinyCodes:
     from mvar_dist.data_prep import sources
-    from mvar_dist.data_prep.manifest import merge_manifest
+    from mvar_dist.data_prep.merge import merge_manifest
     from mvar_dist.data_prep.shard import shard_dataset
     from mvar_dist.tokenizer import MultiScaleVQVAE
 

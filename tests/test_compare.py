@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from mvar_dist.cli import main as cli_main
-from mvar_dist.compare import compare, higher_is_better, value_at
+from mvar_dist.tracking.compare import compare, higher_is_better, value_at
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,11 @@ import torch
 from mvar_dist.config import (
     ConfigError, compatibility_hash, config_from_dict, incompatible_keys, load_config, validate,
 )
-from mvar_dist.engine import deepspeed_config, lr_factor, param_groups
+from mvar_dist.training.engine import deepspeed_config, param_groups
+from mvar_dist.training.schedule import lr_factor
 from mvar_dist.model import MVAR
-from mvar_dist.train import step_groups, token_loss
+from mvar_dist.training.schedule import step_groups
+from mvar_dist.training.step import token_loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = CONFIGS / "tiny_cpu.yaml"

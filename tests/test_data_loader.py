@@ -15,14 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mvar_dist.data import (
-    BadDataError, DataConfig, TrainLoader, ValLoader, build_train_loader, build_val_loader, check_manifest_matches,
-    load_manifest,
-)
+from mvar_dist.data import BadDataError, DataConfig, TrainLoader, ValLoader, build_train_loader, build_val_loader
+from mvar_dist.shards.manifest import check_manifest_matches, load_manifest
 from mvar_dist.data_prep import sources
-from mvar_dist.data_prep.manifest import merge_manifest
-from mvar_dist.data_prep.sample_format import CODES_FIELD, decode_codes
-from mvar_dist.data_prep.tar_reader import iter_samples
+from mvar_dist.data_prep.merge import merge_manifest
+from mvar_dist.shards.format import CODES_FIELD, decode_codes
+from mvar_dist.shards.tar_reader import iter_samples
 from mvar_dist.data_prep.shard import shard_dataset
 from mvar_dist.tokenizer import MultiScaleVQVAE
 

@@ -1,4 +1,4 @@
-"""Export: ZeRO 1/2/3 checkpoints -> safetensors / released .pth -> load_pretrained, same logits.
+"""Export: ZeRO 1/2/3 checkpoints -> safetensors / released .pth -> MVAR.from_pretrained, same logits.
 
 The DeepSpeed checkpoints are written by this file run as a script in a child process (one
 rank, gloo, CPU), so that the test process itself never initialises torch.distributed.
@@ -15,16 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mvar_dist.export import (
-    derived_buffers,
-    export_run,
-    load_pretrained,
-    main,
-    official_state_dict,
-    resolve_tag,
-    strip_wrapper_prefixes,
-)
+from mvar_dist.commands.export import main
 from mvar_dist.model import MVAR, MVARConfig
+from mvar_dist.model.released import derived_buffers, official_state_dict
+from mvar_dist.run_dir import RunDir
+from mvar_dist.training.export import export_run, strip_wrapper_prefixes
 
 REFERENCE_KEYS = Path(__file__).parent / "data" / "mvar_d16_keys.json"  # copy of shared/reference
 STAGES = (1, 2, 3)
@@ -98,11 +93,11 @@ def test_strip_wrapper_prefixes():
 def test_clear_errors_for_missing_checkpoints(tmp_path):
     (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="never completed a checkpoint"):
-        resolve_tag(tmp_path / "checkpoints", "latest")
+        RunDir(tmp_path).resolve_tag("latest")
     with pytest.raises(FileNotFoundError, match="available tags: \\['step_00000002'\\]"):
-        resolve_tag(tmp_path / "checkpoints", "step_00000001")
+        RunDir(tmp_path).resolve_tag("step_00000001")
     with pytest.raises(FileNotFoundError, match="not an mvar-dist export"):
-        load_pretrained(tmp_path)
+        MVAR.from_pretrained(tmp_path)
     assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
 
 
@@ -135,7 +130,7 @@ def test_safetensors_export_gives_the_engine_logits(zero_runs, tmp_path, stage):
     run_dir = zero_runs[f"zero{stage}"]
     weights = export_run(run_dir, tmp_path / "export")
     assert weights.name == "model.safetensors"
-    model = MVAR.from_pretrained(tmp_path / "export")  # the public entry; wraps load_pretrained
+    model = MVAR.from_pretrained(tmp_path / "export")  # the public entry
     logits, expected = _logits(model, run_dir)
     torch.testing.assert_close(logits, expected)
 
@@ -145,7 +140,7 @@ def test_safetensors_export_gives_the_engine_logits(zero_runs, tmp_path, stage):
     training = metadata["training"]
     assert (training["steps"], training["images_seen"], training["checkpoint_tag"]) == (2, 4, "step_00000002")
     if stage == TOKENIZER_STAGE:
-        from mvar_dist.patch_tokenizer import PatchResidualTokenizer
+        from mvar_dist.tokenizer import PatchResidualTokenizer
 
         tokenizer = PatchResidualTokenizer.from_checkpoint(run_dir / "tokenizer.safetensors")
         assert metadata["tokenizer"]["identity"] == tokenizer.identity()
@@ -169,7 +164,7 @@ def test_older_tag_and_mlflow_logging(zero_runs, tmp_path):
     metadata = json.loads((out / "config.json").read_text())
     assert metadata["training"]["steps"] == 1
     assert metadata["training"]["final_metrics"] == {"train/loss": 1.5, "lr": 0.01}
-    model = load_pretrained(out)
+    model = MVAR.from_pretrained(out)
     with torch.no_grad():
         step1 = torch.load(run_dir / "reference_step1.pt", weights_only=True)
         logits = model(step1["label"], step1["teacher"], range(len(TINY_MODEL["patch_nums"])))
@@ -192,7 +187,7 @@ def test_official_pth_has_the_released_keys_and_loads_back(zero_runs, tmp_path):
         assert str(state[name].dtype).removeprefix("torch.") == dtypes[name]
     assert state["attn_bias_for_masking"].shape == (1, 1, 30, 30)
     assert not state["blocks.0.attn.zero_k_bias"].any()
-    logits, expected = _logits(load_pretrained(out), run_dir)
+    logits, expected = _logits(MVAR.from_pretrained(out), run_dir)
     torch.testing.assert_close(logits, expected)
 
 
@@ -211,7 +206,7 @@ def test_bf16_export(zero_runs, tmp_path):
     full, half = load_file(str(fp32)), load_file(str(tmp_path / "bf16" / "model.safetensors"))
     for key in full:
         assert torch.equal(half[key], full[key].to(torch.bfloat16)), key
-    logits, expected = _logits(load_pretrained(tmp_path / "bf16"), run_dir)
+    logits, expected = _logits(MVAR.from_pretrained(tmp_path / "bf16"), run_dir)
     assert not torch.equal(logits, expected)  # rounded weights give different, close logits
     torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
 
@@ -240,10 +235,10 @@ def _write_runs(root: Path, names: list[str]) -> None:
     import deepspeed
     import torch.nn.functional as F
 
-    from mvar_dist import engine as engine_lib
+    from mvar_dist.training import checkpoint as checkpoints, engine as engine_lib
     from mvar_dist.config import compatibility_hash, config_from_dict, save_resolved
-    from mvar_dist.launch_local import free_port
-    from mvar_dist.patch_tokenizer import PatchResidualTokenizer
+    from mvar_dist.training.distributed import free_port
+    from mvar_dist.tokenizer import PatchResidualTokenizer
     from mvar_dist.tracking import RunTracker
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
@@ -288,9 +283,9 @@ def _write_runs(root: Path, names: list[str]) -> None:
                 "step": step, "config": config.to_dict(), "config_hash": compatibility_hash(config.to_dict()),
                 "mlflow_run_id": tracker.run_id if tracker else None, "world_size": 1,
             }
-            engine_lib.save_checkpoint(
-                engine, run_dir / "checkpoints", step, run_state,
-                {"loader": {}, "rng": engine_lib.rng_states(torch.device("cpu"))}, keep_last=2,
+            checkpoints.save_checkpoint(
+                engine, RunDir(run_dir), step, run_state,
+                {"loader": {}, "rng": checkpoints.rng_states(torch.device("cpu"))}, keep_last=2,
             )
         if tracker is not None:
             tracker.finish()

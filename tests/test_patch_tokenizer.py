@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mvar_dist.digits import default_judge, grey_to_model_images, judge_accuracy, load_digits_split, upscale_digits
-from mvar_dist.patch_tokenizer import PatchResidualTokenizer, QuickstartTokenizerConfig
+from mvar_dist.quickstart.digits import (
+    default_judge, grey_to_model_images, judge_accuracy, load_digits_split, upscale_digits,
+)
+from mvar_dist.tokenizer import PatchResidualTokenizer, QuickstartTokenizerConfig
 from mvar_dist.tokenizer import MultiScaleVQVAE
 
 TINY = QuickstartTokenizerConfig(image_size=8, patch_size=2, patch_nums=(1, 2, 4), vocab_size=16)
@@ -104,7 +106,7 @@ def test_reconstructions_are_recognised(fitted: PatchResidualTokenizer) -> None:
 def test_finer_scales_reduce_the_error(fitted: PatchResidualTokenizer) -> None:
     images = digits_images("val", limit=64)[0]
     codes = fitted.img_to_codes(images)
-    latent, f_hat, errors = fitted.img_to_latent(images), torch.zeros(64, fitted.z_channels, 8, 8), []
+    latent, f_hat, errors = fitted.encode_latent(images), torch.zeros(64, fitted.z_channels, 8, 8), []
     for s, codes_s in enumerate(codes):
         f_hat = f_hat + fitted.scale_contribution(codes_s, s)
         errors.append(float((f_hat - latent).square().mean()))
@@ -188,11 +190,11 @@ def test_data_prep_shards_the_digits_folder(tmp_path) -> None:
 
     import numpy as np
 
-    from mvar_dist.data_prep.manifest import merge_manifest
+    from mvar_dist.data_prep.merge import merge_manifest
     from mvar_dist.data_prep.shard import shard_dataset
     from mvar_dist.data_prep.sources import list_class_folder
     from mvar_dist.data_prep.verify import verify_manifest
-    from mvar_dist.digits import read_image_folder, write_digits_image_folder
+    from mvar_dist.quickstart.digits import read_image_folder, write_digits_image_folder
 
     write_digits_image_folder(tmp_path / "digits", image_size=8, val_size=20)
     tokenizer = PatchResidualTokenizer(TINY)

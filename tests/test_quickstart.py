@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 
 from mvar_dist.config import config_from_dict, load_config
-from mvar_dist.quickstart import GRID_ZOOM, NUM_CLASSES
-from mvar_dist.quickstart_config import IMAGE_SIZE, QuickstartPaths, experiment
+from mvar_dist.quickstart.pipeline import GRID_ZOOM, NUM_CLASSES
+from mvar_dist.quickstart.experiment import IMAGE_SIZE, QuickstartPaths, experiment
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def run_quickstart_cli(out: Path, *args: str) -> subprocess.CompletedProcess:
 def test_quickstart_end_to_end(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mvar_dist.export import load_pretrained
+    from mvar_dist.model import MVAR
 
     out, steps, per_class = tmp_path / "qs", 4, 2
     args = ("--steps", str(steps), "--per-class", str(per_class), "--grid-per-class", str(per_class))
@@ -80,7 +80,7 @@ def test_quickstart_end_to_end(tmp_path):
     assert not (out.parent / "mlruns").exists()
     assert list((out / "mlartifacts").rglob("config.yaml"))
 
-    model = load_pretrained(summary["model_dir"])
+    model = MVAR.from_pretrained(summary["model_dir"])
     assert model.config.mode == "mvar" and model.config.num_classes == NUM_CLASSES
 
     # a rerun reuses every stage: same tokenizer file, no retraining, same MLflow run

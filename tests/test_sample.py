@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mvar_dist.model import MVAR, MVARConfig
-from mvar_dist.sample import filter_logits, guidance_weight, sample_codes
+from mvar_dist.model.generate import filter_logits, guidance_weight, sample_codes
 from mvar_dist.tokenizer import MultiScaleVQVAE
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)

@@ -13,11 +13,11 @@ from PIL import Image
 from mvar_dist import __version__
 from mvar_dist.cli import main as cli_main
 from mvar_dist.atomic import write_via_temp
-from mvar_dist.export import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE
-from mvar_dist.images import compose_grid
+from mvar_dist.model.pretrained import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE
+from mvar_dist.sampling.images import compose_grid
 from mvar_dist.model import MVAR, MVARConfig
-from mvar_dist.patch_tokenizer import PatchResidualTokenizer, QuickstartTokenizerConfig
-from mvar_dist.sample_cli import batch_seed
+from mvar_dist.tokenizer import PatchResidualTokenizer, QuickstartTokenizerConfig
+from mvar_dist.sampling.batches import batch_seed
 from mvar_dist.tokenizer import MultiScaleVQVAE
 
 PATCH = QuickstartTokenizerConfig(image_size=8, patch_size=2, channels=3, patch_nums=(1, 2, 4), vocab_size=16)
@@ -109,7 +109,7 @@ def test_npz_images_follow_the_labels(patch_export, tmp_path):
 
 
 def test_flags_override_recorded_settings(patch_export):
-    from mvar_dist.sample_cli import resolve_settings
+    from mvar_dist.sampling.batches import resolve_settings
 
     recorded = {"cfg": 1.5, "top_k": 8, "top_p": 0.9}
     assert resolve_settings(recorded, None, None, None).kwargs() == recorded

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from mvar_dist.cli import main as cli_main
-from mvar_dist.launch import LaunchConfig, LaunchError, validate_launch
-from mvar_dist.slurm_status import read_job_record, run_status, write_job_record
+from mvar_dist.config import LaunchConfig, LaunchError, validate_launch
+from mvar_dist.launch.status import read_job_record, run_status, write_job_record
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -166,7 +166,7 @@ def test_job_record_keeps_earlier_job_ids(tmp_path):
 
 def test_requeues_are_bounded(tmp_path):
     from mvar_dist.config import config_from_dict
-    from mvar_dist.slurm_job import TrainingJob
+    from mvar_dist.launch.job import TrainingJob
 
     job = TrainingJob(config_from_dict({"run": {"dir": str(tmp_path)}}), max_requeues=2)
     again = job.checkpoint()
@@ -203,8 +203,8 @@ def test_unknown_partition_is_refused_before_submitting(capsys, tmp_path):
 @needs_cluster
 @pytest.mark.slow
 def test_two_task_job_agrees_on_rendezvous(tmp_path):
-    from mvar_dist.launch import make_executor
-    from mvar_dist.slurm_job import export_rendezvous_env
+    from mvar_dist.launch.slurm import make_executor
+    from mvar_dist.launch.job import export_rendezvous_env
 
     executor = make_executor(LaunchConfig(tasks_per_node=2, time=15, job_name="rendezvous-test"), tmp_path)
     job = executor.submit(export_rendezvous_env, "slurm")  # the job's own code, in a real 2-task job
@@ -294,7 +294,7 @@ def metric_history(run_dir: Path, key: str) -> list[tuple[int, float]]:
 def exported_weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from mvar_dist.export import export_run
+    from mvar_dist.training.export import export_run
 
     return load_file(str(export_run(run_dir, out)))
 
@@ -318,7 +318,7 @@ def completed_run(tiny_codes, tmp_path_factory) -> Path:
 def test_training_job_completes_with_one_rank_logging(completed_run, capsys, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from mvar_dist.export import load_pretrained
+    from mvar_dist.model import MVAR
     from mvar_dist.tracking import read_run_record
 
     run_dir = completed_run
@@ -341,7 +341,7 @@ def test_training_job_completes_with_one_rank_logging(completed_run, capsys, tmp
     assert status["mlflow"]["status"] == "FINISHED" and status["mlflow"]["requeues"] == "0"
 
     exported_weights(run_dir, tmp_path / "export")
-    model = load_pretrained(tmp_path / "export")
+    model = MVAR.from_pretrained(tmp_path / "export")
     assert model.config.depth == 2 and sum(p.numel() for p in model.parameters()) > 0
 
 

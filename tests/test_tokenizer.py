@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mvar_dist.tokenizer import MultiScaleVQVAE
-from mvar_dist.tokenizer_nets import AttentionBlock, Downsample
+from mvar_dist.tokenizer.nets import AttentionBlock, Downsample
 
 KEYS_JSON = Path(__file__).parent / "data" / "var_vqvae_keys.json"  # copy of shared/reference
 EMA_KEY = "quantize.ema_vocab_hit_SV"

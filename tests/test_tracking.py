@@ -16,14 +16,9 @@ import pytest
 import yaml
 
 from mvar_dist.tracking import (
-    LOGGED_THROUGH_TAG,
-    MAX_PARAM_VALUE_LENGTH,
-    NullTracker,
-    RunTracker,
-    flatten_config,
-    read_run_record,
-    resolve_tracking_uri,
+    LOGGED_THROUGH_TAG, NullTracker, RunTracker, flatten_config, read_run_record, resolve_tracking_uri,
 )
+from mvar_dist.tracking.tracker import MAX_PARAM_VALUE_LENGTH
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402

@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from mvar_dist.config import load_config
-from mvar_dist.engine import LATEST_FILE, RUN_STATE_FILE, lr_factor, param_groups
-from mvar_dist.train import token_loss
+from mvar_dist.run_dir import LATEST as LATEST_FILE, RUN_STATE as RUN_STATE_FILE
+from mvar_dist.training.schedule import lr_factor
+from mvar_dist.training.engine import param_groups
+from mvar_dist.training.step import token_loss
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_cpu.yaml"
@@ -194,7 +196,7 @@ def test_mismatched_shards_and_incompatible_resume_are_refused_before_compute(ti
 
 
 def test_launcher_reports_a_failing_rank(tmp_path):
-    from mvar_dist.launch_local import launch
+    from mvar_dist.launch.local import launch
 
     script = "import os, sys; sys.exit(3 if os.environ['RANK'] == '1' else 0)"
     assert launch(2, [sys.executable, "-c", script]) == 3
@@ -203,7 +205,7 @@ def test_launcher_reports_a_failing_rank(tmp_path):
 
 def test_per_scale_metrics_from_reduced_sums():
     from mvar_dist.scales import ScaleLayout
-    from mvar_dist.train import ScaleStats, StepResult, reduce_step, scale_metrics
+    from mvar_dist.training.step import ScaleStats, StepResult, reduce_step, scale_metrics
 
     layout = ScaleLayout((1, 2, 3))
     stats = ScaleStats(layout.num_scales)

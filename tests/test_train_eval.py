@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mvar_dist.config import ConfigError, load_config, validate
-from mvar_dist.evaluation import masked_scale_sums, sample_grid, val_metrics
+from mvar_dist.training.evaluation import masked_scale_sums, sample_grid, val_metrics
 from mvar_dist.scales import ScaleLayout
-from mvar_dist.train import ScaleStats
+from mvar_dist.training.step import ScaleStats
 
 from conftest import TINY_TOKENIZER, write_tiny_images
 from test_train import TINY, metric_history, model_states, ok, run_train
@@ -23,7 +23,7 @@ VAL_CLASSES, VAL_PER_CLASS = 3, 3  # 9 samples: 2 ranks get 5 and 4, so the last
 def val_manifest(tiny_codes, tmp_path_factory) -> Path:
     """A validation split made with the tiny_codes tokenizer (same helpers as tests/conftest.py)."""
     from mvar_dist.data_prep import sources
-    from mvar_dist.data_prep.manifest import merge_manifest
+    from mvar_dist.data_prep.merge import merge_manifest
     from mvar_dist.data_prep.shard import shard_dataset
     from mvar_dist.tokenizer import MultiScaleVQVAE
 

@@ -1,0 +1,90 @@
+"""``mvar-dist submit``: submit a training run to SLURM with submitit (``--dry-run``: print the
+sbatch script). Resources default to the experiment's ``launch`` section; flags override it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from mvar_dist.config import ConfigError, ExperimentConfig, LaunchConfig, LaunchError
+from mvar_dist.launch.slurm import sbatch_script
+from mvar_dist.launch.submit import prepare, submit
+from mvar_dist.tracking.run_record import mlflow_link, read_run_record, resolve_tracking_uri
+
+# CLI flag -> LaunchConfig field; a flag left out keeps the config's value
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "--nodes": ("nodes", int, "number of nodes"),
+    "--gpus-per-node": ("gpus_per_node", int, "GPUs per node; one task (rank) per GPU"),
+    "--tasks-per-node": ("tasks_per_node", int, "ranks per node for CPU jobs"),
+    "--cpus-per-task": ("cpus_per_task", int, "CPUs per rank (data workers + 1)"),
+    "--mem": ("mem", str, "memory per node, e.g. 64G"),
+    "--time": ("time", int, "time limit in minutes"),
+    "--partition": ("partition", str, "partition (default: the cluster's default)"),
+    "--account": ("account", str, "account to charge"),
+    "--qos": ("qos", str, "quality of service"),
+    "--constraint": ("constraint", str, "node features, e.g. a100"),
+    "--max-requeues": ("max_requeues", int, "how often the job may requeue itself (preemption, time limit)"),
+    "--job-name": ("job_name", str, "SLURM job name"),
+    "--signal-delay": ("signal_delay_s", int, "seconds before the time limit to signal a checkpoint"),
+    "--cluster": ("cluster", str, "slurm (default), local (subprocesses here) or debug (in this process)"),
+}
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mvar-dist submit",
+        description="Submit a training run to SLURM. Resources default to the config's launch section.",
+    )
+    parser.add_argument("--config", required=True, help="experiment file, e.g. configs/mvar_d16.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.total_steps=20")
+    for flag, (_, kind, help_) in FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, help=help_)
+    parser.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+                        help="whole nodes for this job")
+    parser.add_argument("--slurm-setup", action="append", default=None, metavar="LINE",
+                        help="shell line run before srun (repeat for several; replaces the config's)")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_intermixed_args(list(argv))
+    changes = {field_: getattr(args, flag[2:].replace("-", "_")) for flag, (field_, _, _) in FLAGS.items()}
+    changes.update(exclusive=args.exclusive, slurm_setup=args.slurm_setup)
+    try:
+        config, launch = prepare(args.config, args.overrides, changes, check_cluster=not args.dry_run)
+    except (ConfigError, LaunchError) as err:
+        print(f"mvar-dist submit: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        if launch.cluster != "slurm":
+            print("mvar-dist submit: --dry-run prints the sbatch script, which only --cluster slurm has",
+                  file=sys.stderr)
+            return 2
+        print(sbatch_script(launch, config.run.dir), end="")
+        return 0
+    record = submit(config, launch, argv)
+    print(format_submission(config, launch, record))
+    return 0
+
+
+def format_submission(config: ExperimentConfig, launch: LaunchConfig, record: dict[str, Any]) -> str:
+    run_dir = Path(config.run.dir)
+    lines = [
+        f"submitted job {record['job_id']} ({launch.world_size} ranks on {launch.nodes} node(s), "
+        f"cluster {launch.cluster}, partition {launch.partition or 'default'})",
+        f"job folder: {record['folder']}",
+        f"logs:       {record['stdout']}",
+        f"            {record['stderr']}  (task N: {record['job_id']}_N_log.*)",
+    ]
+    existing = read_run_record(run_dir)
+    if existing is not None:  # a resubmission continues this run
+        lines.append(f"MLflow run: {mlflow_link(existing.tracking_uri, existing.experiment_id, existing.run_id)}")
+    else:
+        uri = resolve_tracking_uri(config.tracking.uri, run_dir)
+        lines.append(f"MLflow run: created when the job starts, experiment {config.tracking.experiment!r} at {uri}")
+    lines.append(f"status:     mvar-dist status {run_dir}")
+    return "\n".join(lines)

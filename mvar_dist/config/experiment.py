@@ -1,0 +1,110 @@
+"""The experiment file of ``mvar-dist train``: one typed tree of sections, loaded from YAML or
+TOML with ``key=value`` overrides; which keys a resumed run may change.
+
+One file describes an experiment completely; the DeepSpeed JSON is derived from it (see
+:mod:`mvar_dist.training.engine`), so batch sizes, precision and clipping exist in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from mvar_dist.atomic import write_bytes
+from mvar_dist.config.loading import ConfigError, build, plain, read_config_file
+from mvar_dist.config.sections import (
+    CheckpointConfig, DebugConfig, DeepSpeedSection, LaunchConfig, OptimConfig, RunConfig, SampleConfig, TokenizerSection,
+    TrackingConfig, TrainConfig,
+)
+from mvar_dist.data.config import DataConfig
+from mvar_dist.model.config import MVARConfig
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: MVARConfig = field(default_factory=MVARConfig)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # SLURM resources (mvar-dist submit)
+
+    @property
+    def peak_lr(self) -> float:
+        if self.optim.lr is not None:
+            return self.optim.lr
+        return self.optim.base_lr * self.train.global_batch_size / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        return plain(dataclasses.asdict(self))
+
+
+# Keys that may change between a checkpoint and its resumption; everything else defines the run.
+# File locations may move (a new cluster): the data loader checks the shards' sample count and
+# seed, the manifest check the tokenizer's weights, and init_from is not read on resume.
+RESUMABLE_CHANGES: tuple[str, ...] = (
+    "run.dir", "train.total_steps", "train.log_every", "train.max_consecutive_nonfinite", "train.init_from",
+    "train.val_every_steps", "train.val_max_batches",
+    "checkpoint", "tracking", "sample", "debug", "launch", "data.num_workers", "data.prefetch_windows",
+    "data.train_manifest", "data.val_manifest", "data.shard_url_template", "tokenizer.checkpoint",
+)
+
+
+def compatibility_hash(config_dict: Mapping[str, Any]) -> str:
+    """Hash of everything a resumed run must share with its checkpoint."""
+    return hashlib.sha256(json.dumps(_fixed_part(config_dict), sort_keys=True).encode()).hexdigest()
+
+
+def incompatible_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts, ignoring RESUMABLE_CHANGES."""
+    a, b = _flatten(_fixed_part(saved)), _flatten(_fixed_part(current))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _fixed_part(config_dict: Mapping[str, Any]) -> dict[str, Any]:
+    flat = _flatten(config_dict)
+    return {
+        k: v for k, v in flat.items()
+        if not any(k == key or k.startswith(key + ".") for key in RESUMABLE_CHANGES)
+    }
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and name.count(".") < 1:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML or TOML experiment file, apply ``key=value`` overrides, build (types checked)."""
+    raw = read_config_file(path, overrides)
+    try:
+        return build(ExperimentConfig, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    return build(ExperimentConfig, dict(raw), "")
+
+
+def save_resolved(config: ExperimentConfig, path: Path) -> None:
+    """Write the fully resolved config (every default spelled out) atomically."""
+    write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

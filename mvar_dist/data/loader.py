@@ -1,0 +1,221 @@
+"""Resumable distributed loading of pre-tokenized code shards (written by ``mvar-dist prep``).
+
+Batches are ``(codes, labels)``: codes a flat (B, L) LongTensor of one view of each image (the
+image or its horizontal flip, chosen by a seeded RNG), labels (B,). Turning codes into the
+transformer's teacher input is the tokenizer's job on the training device
+(``tokenizer.codes_to_teacher_input(codes)``), not the loader's: the codes are 16x smaller
+than the float input and the conversion is a few cheap convolutions on the GPU.
+
+Guarantees (see :mod:`mvar_dist.data.plan` for the layout):
+
+- Training is an endless stream; every rank yields ``batches_per_epoch`` batches per epoch, the
+  same on all ranks. Per epoch, every sample is seen at most once across ranks; the
+  ``N mod world_size`` and ``(N // world_size) mod batch_size`` leftover samples of each rank
+  are skipped in that epoch (a different random set each epoch).
+- The order is a function of (seed, epoch, position, world_size, batch_size, shuffle_window),
+  not of num_workers or worker timing. ``state_dict()`` after k batches plus
+  ``load_state_dict()`` in a fresh loader continues with exactly batch k+1.
+- Resuming with another world size, batch size or shuffle window keeps the epoch and the
+  fraction of it already consumed (global samples consumed / new global batch, rounded up);
+  within that one epoch the new layout may then repeat or miss samples. Later epochs are exact.
+- Validation visits every sample exactly once across ranks and workers; see :class:`ValLoader`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mvar_dist.data.config import DataConfig
+from mvar_dist.data.plan import TrainPlan, ValPlan
+from mvar_dist.data.reader import BadDataError, WindowData, WindowReader, WindowStream
+from mvar_dist.shards.manifest import Manifest, load_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def window_reader(manifest: Manifest, config: DataConfig, rank: int) -> WindowReader:
+    """What one DataLoader worker runs: reads and shuffles windows of ``manifest``'s shards."""
+    return WindowReader(
+        manifest.shard_urls, int(manifest.num_tokens), int(manifest.vocab_size), int(manifest.num_classes),
+        config.seed, rank, config.hflip, config.bad_data,
+    )
+
+
+def _widen(codes: torch.Tensor) -> torch.Tensor:
+    """int16/int32 -> int64 through numpy: torch's threaded cast is 10-20x slower on a busy CPU."""
+    return torch.from_numpy(codes.numpy().astype(np.int64))
+
+
+def _check_rank(rank: int, world_size: int, batch_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+class _Loader:
+    """Shared part: a DataLoader over windows, bad-data accounting in the main process."""
+
+    def __init__(self, manifest: Manifest, config: DataConfig, rank: int, world_size: int, batch_size: int) -> None:
+        config.validate()
+        _check_rank(rank, world_size, batch_size)
+        self.manifest, self.config = manifest, config
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.num_skipped = 0  # bad samples met so far (train: replaced; validation: masked)
+        self.num_read = 0
+        self.epoch_size = 0  # samples this rank reads per epoch (set by the subclass)
+        self._warned: set[str] = set()
+
+    def _windows(self, plan: TrainPlan | ValPlan, first: int) -> Iterator[WindowData]:
+        workers = self.config.num_workers
+        stream = WindowStream(plan, window_reader(self.manifest, self.config, self.rank), first)
+        extra = dict(prefetch_factor=self.config.prefetch_windows) if workers else {}
+        return iter(DataLoader(stream, batch_size=None, num_workers=workers, **extra))
+
+    def _account(self, window: WindowData) -> None:
+        self.num_read += window.codes.shape[0]
+        self.num_skipped += window.num_bad
+        for shard, reason in window.bad_shards.items():
+            if shard not in self._warned:
+                self._warned.add(shard)
+                logger.warning("bad data in shard %s (skipped, counted in num_skipped): %s", shard, reason)
+        # against at least one epoch's worth, so that one bad shard early on does not trip it
+        if self.num_skipped > self.config.max_bad_fraction * max(self.num_read, self.epoch_size):
+            raise BadDataError(
+                f"{self.num_skipped} of {self.num_read} samples read were bad, more than data.max_bad_fraction="
+                f"{self.config.max_bad_fraction}; bad shards: {sorted(self._warned)} (run 'mvar-dist verify-shards')"
+            )
+
+
+class TrainLoader(_Loader):
+    """Endless training batches for one rank; iterate it, checkpoint ``state_dict()``."""
+
+    def __init__(self, manifest: Manifest, config: DataConfig, rank: int, world_size: int, batch_size: int) -> None:
+        super().__init__(manifest, config, rank, world_size, batch_size)
+        window = max(1, config.shuffle_window // batch_size) * batch_size
+        self.plan = TrainPlan(manifest.shard_counts, config.seed, rank, world_size, batch_size, window)
+        if self.plan.batches_per_epoch == 0:
+            raise ValueError(
+                f"{manifest.location} has {manifest.num_samples} samples: too few for {world_size} ranks x batch {batch_size}"
+            )
+        self.epoch, self.position = 0, 0  # position: samples of this rank's epoch consumed
+        self.epoch_size = self.plan.samples_per_epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.plan.batches_per_epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        size, batch = self.plan.window_size, self.batch_size
+        first = self.epoch * self.plan.windows_per_epoch + self.position // size
+        offset = self.position % size  # resuming inside a window: its bad samples were counted already
+        for window in self._windows(self.plan, first):
+            if offset == 0:
+                self._account(window)
+            for start in range(offset, window.codes.shape[0], batch):
+                self.position += batch
+                if self.position == self.plan.samples_per_epoch:
+                    self.epoch, self.position = self.epoch + 1, 0
+                yield _widen(window.codes[start : start + batch]), window.labels[start : start + batch]
+            offset = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch, "position": self.position, "seed": self.config.seed, "world_size": self.world_size,
+            "batch_size": self.batch_size, "window_size": self.plan.window_size, "num_samples": int(self.manifest.num_samples),
+            "num_skipped": self.num_skipped, "num_read": self.num_read,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["num_samples"] != self.manifest.num_samples or state["seed"] != self.config.seed:
+            raise ValueError(
+                f"data state is for {state['num_samples']} samples with seed {state['seed']}, the loader has "
+                f"{self.manifest.num_samples} samples ({self.manifest.location}) and seed {self.config.seed}"
+            )
+        self.epoch, self.num_skipped, self.num_read = int(state["epoch"]), int(state["num_skipped"]), int(state["num_read"])
+        layout = (self.world_size, self.batch_size, self.plan.window_size)
+        if (state["world_size"], state["batch_size"], state.get("window_size", layout[2])) == layout:
+            self.position = int(state["position"])
+            return
+        consumed = int(state["position"]) * int(state["world_size"])  # samples, all ranks together
+        global_batch = self.batch_size * self.world_size
+        self.position = math.ceil(consumed / global_batch) * self.batch_size
+        if self.position >= self.plan.samples_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        logger.warning(
+            "data loader resumed with world_size x batch x shuffle window %s (was %s): epoch %d continues at %d/%d "
+            "batches; this epoch may repeat or miss samples", layout,
+            (state["world_size"], state["batch_size"], state.get("window_size")), self.epoch,
+            self.position // self.batch_size, self.batches_per_epoch,
+        )
+
+
+class ValLoader(_Loader):
+    """One pass over the validation split: yields ``(codes, labels, mask)``. Every rank yields
+    ``len(loader)`` batches of ``batch_size`` rows (so collectives never hang); rows with
+    ``mask`` False are padding (ranks' shares differ by up to one sample, the last batch is
+    partial) or unreadable samples. The trainer sums ``loss * mask`` and ``mask`` over ranks."""
+
+    def __init__(self, manifest: Manifest, config: DataConfig, rank: int, world_size: int, batch_size: int) -> None:
+        super().__init__(manifest, config, rank, world_size, batch_size)
+        self.plan = ValPlan(manifest.shard_counts, rank, world_size, max(batch_size, config.shuffle_window))
+        self.epoch_size = self.plan.max_piece_size
+
+    def __len__(self) -> int:
+        return -(-self.plan.max_piece_size // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        length, batch = int(self.manifest.num_tokens), self.batch_size
+        pending: list[WindowData] = []
+        emitted = 0
+
+        def take(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            codes = torch.cat([w.codes for w in pending]) if pending else torch.zeros(0, length, dtype=torch.int32)
+            labels = torch.cat([w.labels for w in pending]) if pending else torch.zeros(0, dtype=torch.long)
+            valid = torch.cat([w.valid for w in pending]) if pending else torch.zeros(0, dtype=torch.bool)
+            pending.clear()
+            if codes.shape[0] > rows:
+                pending.append(WindowData(codes[rows:], labels[rows:], valid[rows:], 0, {}))
+                codes, labels, valid = codes[:rows], labels[:rows], valid[:rows]
+            pad = rows - codes.shape[0]
+            codes = torch.cat([codes, torch.zeros(pad, length, dtype=codes.dtype)])
+            labels = torch.cat([labels, torch.zeros(pad, dtype=labels.dtype)])
+            valid = torch.cat([valid, torch.zeros(pad, dtype=torch.bool)])
+            return _widen(codes), labels, valid
+
+        for window in self._windows(self.plan, 0):
+            self._account(window)
+            pending.append(window)
+            while sum(w.codes.shape[0] for w in pending) >= batch:
+                emitted += 1
+                yield take(batch)
+        while emitted < len(self):
+            emitted += 1
+            yield take(batch)
+
+
+
+def build_train_loader(config: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int | None = None) -> TrainLoader:
+    """The training loader of one rank; ``seed`` (e.g. the run's seed) replaces ``config.seed``.
+    Check the manifest against the model with :func:`check_manifest_matches` (``loader.manifest``)."""
+    config.validate()
+    if not config.train_manifest:
+        raise ValueError("data.train_manifest is empty: set it to the manifest.json written by 'mvar-dist prep'")
+    if seed is not None:
+        config = dataclasses.replace(config, seed=seed)
+    return TrainLoader(load_manifest(config.train_manifest, config.shard_url_template), config, rank, world_size, batch_size)
+
+
+def build_val_loader(config: DataConfig, *, rank: int, world_size: int, batch_size: int) -> ValLoader | None:
+    """The validation loader of one rank, or None without ``config.val_manifest``."""
+    config.validate()
+    if not config.val_manifest:
+        return None
+    return ValLoader(load_manifest(config.val_manifest, config.shard_url_template), config, rank, world_size, batch_size)

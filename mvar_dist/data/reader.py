@@ -1,0 +1,167 @@
+"""Reading one window of samples from the shards (in a DataLoader worker): the fast canonical
+path or the general tar reader, bad samples replaced or masked, the flip view chosen, samples
+shuffled. Which windows exist is :mod:`mvar_dist.data.plan`."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mvar_dist.data.plan import Chunk, TrainPlan, ValPlan, Window
+from mvar_dist.shards.format import CLS_FIELD, CODES_DTYPE, CODES_FIELD, NUM_VIEWS, decode_label
+from mvar_dist.shards.tar_reader import ShardReadError, iter_samples, read_canonical
+
+logger = logging.getLogger(__name__)
+
+
+class BadDataError(RuntimeError):
+    """A shard or sample is unreadable and the policy is ``fail`` (or too much data is bad)."""
+
+
+@dataclass
+class WindowData:
+    codes: torch.Tensor  # (K, L) int16 (int32 if V > 2**15), the chosen view of each sample
+    labels: torch.Tensor  # (K,) int64
+    valid: torch.Tensor  # (K,) bool; False for bad samples (validation keeps their slot)
+    num_bad: int
+    bad_shards: dict[str, str]  # shard name -> first reason seen
+
+
+@dataclass(frozen=True)
+class WindowReader:
+    """Reads windows from shards; picklable, so it travels to DataLoader workers."""
+
+    shard_urls: tuple[str, ...]
+    num_tokens: int
+    vocab_size: int
+    num_classes: int
+    seed: int
+    rank: int
+    hflip: bool
+    bad_data: Literal["skip", "fail"]
+
+    def _bad(self, shard: int, key: str, reason: str, bad: dict[str, str]) -> None:
+        name = self.shard_urls[shard]
+        if self.bad_data == "fail":
+            raise BadDataError(f"bad data in shard {name}, sample {key}: {reason} (set data.bad_data='skip' to skip it)")
+        bad.setdefault(name, f"sample {key}: {reason}")
+
+    def _read_chunk(self, chunk: Chunk, bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(codes (m, 2, L) uint16, labels (m,), valid (m,)) of the chunk's m samples."""
+        import webdataset  # opener for paths, file:, pipe:, http(s):, ... URLs
+
+        expected = NUM_VIEWS * self.num_tokens * CODES_DTYPE.itemsize
+        size = chunk.stop - chunk.start
+        codes = np.zeros((size, expected), dtype=np.uint8)
+        labels = np.zeros(size, dtype=np.int64)
+        valid = np.zeros(size, dtype=bool)
+        keys: dict[int, str] = {}
+        try:
+            with webdataset.gopen(self.shard_urls[chunk.shard], "rb") as stream:
+                data = stream.read()
+        except OSError as error:
+            self._bad(chunk.shard, "#0", f"cannot read shard: {error}", bad)
+            return codes.view(CODES_DTYPE).reshape(size, NUM_VIEWS, -1), labels, valid
+        fast = read_canonical(data, expected)
+        if fast is not None:
+            rows = slice(chunk.start, min(chunk.stop, len(fast.labels)))
+            count = max(0, rows.stop - rows.start)
+            codes[:count], labels[:count], valid[:count] = fast.codes[rows], fast.labels[rows], True
+            key_of = lambda i: fast.key(chunk.start + i)  # noqa: E731
+            read = len(fast.labels)
+        else:
+            read = self._read_slow(chunk, data, expected, codes, labels, valid, keys, bad)
+            key_of = lambda i: keys.get(i, f"#{chunk.start + i}")  # noqa: E731
+        if read < chunk.stop:
+            self._bad(chunk.shard, f"#{read}", f"shard has {read} readable samples, the manifest more", bad)
+        out_of_range = valid & ~(labels < self.num_classes)
+        codes = codes.view(CODES_DTYPE).reshape(size, NUM_VIEWS, -1)
+        high = codes.reshape(size, -1).max(axis=1) if size else np.zeros(0, dtype=np.int64)
+        for row in np.flatnonzero(out_of_range | (valid & (high >= self.vocab_size))):
+            if out_of_range[row]:
+                problem = f"class {labels[row]} >= {self.num_classes}"
+            else:
+                problem = f"code {int(high[row])} >= vocab_size {self.vocab_size}"
+            self._bad(chunk.shard, key_of(row), problem, bad)
+            valid[row] = False
+        labels[~valid] = 0
+        return codes, labels, valid
+
+    def _read_slow(self, chunk: Chunk, data: bytes, expected: int, codes: np.ndarray, labels: np.ndarray,
+                   valid: np.ndarray, keys: dict[int, str], bad: dict[str, str]) -> int:
+        """The general tar reader, for shards not in the canonical layout; returns samples read."""
+        position = 0
+        try:
+            for sample in iter_samples(io.BytesIO(data)):
+                if position >= chunk.stop:
+                    break
+                if position >= chunk.start:
+                    row = position - chunk.start
+                    keys[row] = sample.key
+                    raw, label, problem = sample.fields.get(CODES_FIELD), sample.fields.get(CLS_FIELD), None
+                    if raw is None or label is None:
+                        problem = f"missing field(s) {[f for f in (CLS_FIELD, CODES_FIELD) if f not in sample.fields]}"
+                    elif len(raw) != expected:
+                        problem = f"codes have {len(raw)} bytes, expected {expected} (2 x {self.num_tokens} uint16)"
+                    else:
+                        try:
+                            labels[row] = decode_label(label, self.num_classes)
+                            codes[row], valid[row] = np.frombuffer(raw, np.uint8), True
+                        except ValueError as error:
+                            problem = str(error)
+                    if problem:
+                        self._bad(chunk.shard, sample.key, problem, bad)
+                position += 1
+        except ShardReadError as error:
+            self._bad(chunk.shard, f"#{position}", f"shard unreadable from sample {position} on: {error}", bad)
+        return position
+
+    def read(self, window: Window) -> WindowData:
+        bad: dict[str, str] = {}
+        parts = [self._read_chunk(chunk, bad) for chunk in window.chunks]
+        if parts:
+            stacked, label_array, valid = (np.concatenate(p) for p in zip(*parts))
+        else:
+            stacked = np.zeros((0, NUM_VIEWS, self.num_tokens), CODES_DTYPE)
+            label_array, valid = np.zeros(0, np.int64), np.zeros(0, bool)
+        num_bad, size = int((~valid).sum()), len(valid)
+        if window.shuffle:
+            rng = np.random.default_rng([self.seed, window.epoch, self.rank, window.index])
+            good = np.flatnonzero(valid)
+            if good.size == 0:
+                raise BadDataError(f"every sample of a training window is bad (shards {sorted(bad)})")
+            # bad slots take random good samples of the same window: the window keeps its size,
+            # so every rank keeps the same number of batches
+            source = np.arange(size)
+            source[~valid] = rng.choice(good, size=num_bad)
+            source = source[rng.permutation(size)]
+            views = rng.integers(0, 2, size=size) if self.hflip else np.zeros(size, dtype=np.int64)
+            selected, label_array, valid = stacked[source, views], label_array[source], np.ones(size, dtype=bool)
+        else:
+            selected = stacked[:, 0]
+        # int16 halves the bytes sent from workers; the main process widens each batch to long
+        wire = np.int16 if self.vocab_size <= 2**15 else np.int32
+        return WindowData(
+            torch.from_numpy(selected.astype(wire)), torch.from_numpy(label_array), torch.from_numpy(valid), num_bad, bad
+        )
+
+
+class WindowStream(IterableDataset):
+    """Windows ``first, first + 1, ...`` of a plan, dealt round-robin to DataLoader workers."""
+
+    def __init__(self, plan: TrainPlan | ValPlan, reader: WindowReader, first: int) -> None:
+        self.plan, self.reader, self.first = plan, reader, first
+
+    def __iter__(self) -> Iterator[WindowData]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        number = self.first + worker
+        while (window := self.plan.window(number)) is not None:
+            yield self.reader.read(window)
+            number += workers

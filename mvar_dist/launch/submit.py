@@ -1,0 +1,56 @@
+"""Submitting a training run (``mvar-dist submit``): the config's ``launch`` section with the
+command line's resources on top, every check before anything is queued, the submitit job,
+and the record ``mvar-dist status`` reads. What runs inside the job is
+:mod:`mvar_dist.launch.job`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from mvar_dist.config import ExperimentConfig, LaunchConfig, load_config, validate, validate_launch
+from mvar_dist.launch.slurm import check_partition, make_executor
+from mvar_dist.launch.status import write_job_record
+
+
+def resolve_launch(config: ExperimentConfig, changes: Mapping[str, Any]) -> LaunchConfig:
+    """The config's launch section with ``changes`` (LaunchConfig field -> value; None: keep) on top."""
+    return dataclasses.replace(config.launch, **{k: v for k, v in changes.items() if v is not None})
+
+
+def prepare(
+    config_file: str | Path, overrides: Sequence[str], changes: Mapping[str, Any], check_cluster: bool = True,
+) -> tuple[ExperimentConfig, LaunchConfig]:
+    """Load, merge and check everything; raises ConfigError/LaunchError before any submission."""
+    config = load_config(config_file, overrides)
+    launch = resolve_launch(config, changes)
+    validate_launch(launch)
+    # the job may start in another directory; the run dir is fixed at submission
+    run = dataclasses.replace(config.run, dir=str(Path(config.run.dir).absolute()))
+    # the run's saved config records the resources it ran with
+    config = dataclasses.replace(config, run=run, launch=launch)
+    validate(config, launch.world_size)
+    if launch.cluster == "slurm" and check_cluster:
+        check_partition(launch.partition)
+    return config, launch
+
+
+def submit(config: ExperimentConfig, launch: LaunchConfig, argv: Sequence[str]) -> dict[str, Any]:
+    """Submit the training job and write ``<run_dir>/slurm_job.json``; returns that record."""
+    from mvar_dist.launch.job import TrainingJob
+
+    run_dir = Path(config.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(launch, run_dir)
+    job = executor.submit(TrainingJob(config, launch.cluster, launch.max_requeues))
+    paths = job.paths
+    record = {
+        "kind": "train", "job_id": str(job.job_id), "cluster": launch.cluster, "folder": str(paths.folder),
+        "stdout": str(paths.stdout), "stderr": str(paths.stderr), "world_size": launch.world_size,
+        "command": ["mvar-dist", "submit", *argv],
+    }
+    write_job_record(run_dir, record)
+    if launch.cluster == "debug":  # submitit's debug jobs run in this process when asked for the result
+        record["result"] = job.result()
+    return record

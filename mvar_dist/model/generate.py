@@ -1,0 +1,130 @@
+"""Scale-by-scale sampling with classifier-free guidance and top-k / top-p filtering (docs/semantics.md, section 5).
+
+``mvar`` runs every scale on its own tokens only: no KV cache, memory independent of the earlier
+scales. ``var`` keeps a per-block KV cache so that each scale attends to all earlier ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from mvar_dist.model.transformer import MVAR
+
+
+def guidance_weight(cfg: float, scale: int, num_scales: int) -> float:
+    """The published linear schedule: t = cfg * s / (S - 1), from no guidance to full cfg."""
+    return cfg * scale / max(num_scales - 1, 1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf what top-k and then top-p sampling exclude (a new tensor; last dim = vocab).
+
+    top_k <= 0 or >= vocab keeps everything (ties with the k-th logit are kept). top_p in (0, 1)
+    keeps the smallest set of most likely tokens whose probability reaches top_p, measured as in
+    the published sampler: drop the least likely tokens while their cumulative mass stays
+    <= 1 - top_p; the most likely token is always kept.
+    """
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+    vocab = logits.shape[-1]
+    logits = logits.clone()
+    if 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p > 0.0:
+        ascending, order = logits.sort(dim=-1, descending=False)
+        drop_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1.0 - top_p)
+        drop_sorted[..., -1] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits.masked_fill_(drop, float("-inf"))
+    return logits
+
+
+def sample_codes(
+    logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, n, V) logits -> (B, n) codes drawn from the filtered softmax."""
+    batch, n, vocab = logits.shape
+    probs = filter_logits(logits.float(), top_k, top_p).softmax(dim=-1)
+    codes = torch.multinomial(probs.view(-1, vocab), num_samples=1, replacement=True, generator=generator)
+    return codes.view(batch, n)
+
+
+def _check_tokenizer(model: "MVAR", tokenizer: Any) -> None:
+    for name, ours in (
+        ("layout", model.layout),
+        ("vocab_size", model.config.vocab_size),
+        ("z_channels", model.config.z_channels),
+    ):
+        theirs = getattr(tokenizer, name)
+        if theirs != ours:
+            raise ValueError(f"tokenizer {name} {theirs} does not match the model's {ours}")
+
+
+def generate(
+    model: "MVAR",
+    labels: torch.Tensor,
+    tokenizer: Any,
+    cfg: float = 2.7,
+    top_k: int = 1200,
+    top_p: float = 0.99,
+    seed: int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sample one image per label. Returns (codes per scale [(B, pn^2) long], images (B, 3, H, W) in [0, 1]).
+
+    Defaults are the published d16 settings. The same ``seed`` gives the same output regardless
+    of the global RNG; ``seed=None`` draws a fresh one. Label ``num_classes`` is unconditional.
+    The model runs in eval mode (no drop-path) and is put back in its previous mode afterwards.
+    """
+    _check_tokenizer(model, tokenizer)
+    model._check_labels(labels)
+    if cfg < 0:
+        raise ValueError(f"cfg must be >= 0, got {cfg}")
+    generator = torch.Generator(device=labels.device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(model, labels, tokenizer, cfg, top_k, top_p, generator)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _sample(
+    model: "MVAR", labels: torch.Tensor, tokenizer: Any, cfg: float, top_k: int, top_p: float,
+    generator: torch.Generator,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    layout = model.layout
+    batch, num_scales = labels.shape[0], layout.num_scales
+    guided = cfg > 0
+    if guided:  # conditional half, then null-class half
+        labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
+    cond = model.class_emb(labels)
+    caches = model.new_kv_caches() if model.config.mode == "var" else None
+    final = layout.final_size
+    f_hat = torch.zeros(batch, model.config.z_channels, final, final, device=labels.device)
+    codes_per_scale: list[torch.Tensor] = []
+    for s in range(num_scales):
+        if s == 0:
+            x = model.scale_tokens(0, start=cond)
+        else:
+            teacher = tokenizer.teacher_input_for_scale(f_hat, s)
+            x = model.scale_tokens(s, teacher=torch.cat([teacher, teacher]) if guided else teacher)
+        # mvar: this scale's tokens alone; var: the caches hold every earlier scale
+        plan = None if caches is not None else model.attention_plan((s,))
+        logits = model.logits(x, cond, plan=plan, caches=caches).float()
+        if guided:
+            t = guidance_weight(cfg, s, num_scales)
+            logits = (1 + t) * logits[:batch] - t * logits[batch:]
+        codes = sample_codes(logits, top_k, top_p, generator)
+        codes_per_scale.append(codes)
+        f_hat = f_hat + tokenizer.scale_contribution(codes, s).float()
+    images = (tokenizer.f_hat_to_img(f_hat) + 1) / 2
+    return codes_per_scale, images

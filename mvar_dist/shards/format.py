@@ -1,0 +1,93 @@
+"""The on-disk format of one code sample, and a fast streaming reader for our tar shards.
+
+A sample is three tar members sharing a key (WebDataset convention ``<key>.<field>``):
+
+- ``<key>.cls``: the class index, ASCII decimal.
+- ``<key>.codes.u16``: raw little-endian uint16, shape (2, L): row 0 the image, row 1 its
+  horizontal flip; each row is all scales concatenated coarse to fine (ScaleLayout order).
+- ``<key>.json``: ``{"path": <source path relative to the dataset root>, "size": [w, h]}``.
+
+Raw bytes decode with one ``np.frombuffer`` (no header to parse). Reading is in
+:mod:`mvar_dist.shards.tar_reader`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from typing import BinaryIO
+
+import numpy as np
+
+CLS_FIELD = "cls"
+CODES_FIELD = "codes.u16"
+META_FIELD = "json"
+FIELDS = (CLS_FIELD, CODES_FIELD, META_FIELD)
+CODES_DTYPE = np.dtype("<u2")
+NUM_VIEWS = 2  # the image and its horizontal flip
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-/]")
+_MAX_KEY_CHARS = 80  # leaves room for the longest field suffix within ustar's 100-char name
+
+
+def key_from_path(relative_path: str) -> str:
+    """A WebDataset key for a source image: its relative path without extension, every
+    character outside ``[A-Za-z0-9_-/]`` percent-encoded (WebDataset splits keys at the first
+    dot). Keys too long for a tar name end in a hash of the full path instead."""
+    stem = relative_path.rsplit(".", 1)[0] if "." in relative_path.rsplit("/", 1)[-1] else relative_path
+    key = _UNSAFE_KEY_CHARS.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), stem)
+    if len(key) > _MAX_KEY_CHARS:
+        import hashlib
+
+        key = key[: _MAX_KEY_CHARS - 17].rstrip("%") + "_" + hashlib.sha1(relative_path.encode()).hexdigest()[:16]
+    return key
+
+
+def encode_codes(codes: np.ndarray) -> bytes:
+    """(2, L) integer codes -> the bytes of ``<key>.codes.u16``."""
+    if codes.ndim != 2 or codes.shape[0] != NUM_VIEWS:
+        raise ValueError(f"codes must have shape (2, L), got {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() > np.iinfo(CODES_DTYPE).max):
+        raise ValueError("codes do not fit in uint16")
+    return np.ascontiguousarray(codes, dtype=CODES_DTYPE).tobytes()
+
+
+def decode_codes(data: bytes, num_tokens: int, vocab_size: int) -> np.ndarray:
+    """Bytes of ``codes.u16`` -> (2, L) uint16 array; ValueError if the length or a code is wrong."""
+    expected = NUM_VIEWS * num_tokens * CODES_DTYPE.itemsize
+    if len(data) != expected:
+        raise ValueError(f"codes have {len(data)} bytes, expected {expected} (2 x {num_tokens} uint16)")
+    codes = np.frombuffer(data, dtype=CODES_DTYPE).reshape(NUM_VIEWS, num_tokens)
+    high = int(codes.max()) if codes.size else 0
+    if high >= vocab_size:
+        raise ValueError(f"code {high} is out of range for vocab_size {vocab_size}")
+    return codes
+
+
+def decode_label(data: bytes, num_classes: int) -> int:
+    label = int(data)
+    if not 0 <= label < num_classes:
+        raise ValueError(f"class index {label} is out of range for {num_classes} classes")
+    return label
+
+
+def encode_meta(relative_path: str, size: tuple[int, int]) -> bytes:
+    return json.dumps({"path": relative_path, "size": list(size)}, separators=(",", ":")).encode()
+
+
+class ShardWriter:
+    """Writes samples to a tar file with fixed member metadata, so equal inputs give equal bytes."""
+
+    def __init__(self, fileobj: BinaryIO) -> None:
+        self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.USTAR_FORMAT)
+
+    def write(self, key: str, label: int, codes: np.ndarray, meta: bytes) -> None:
+        for field, data in ((CLS_FIELD, str(int(label)).encode()), (CODES_FIELD, encode_codes(codes)), (META_FIELD, meta)):
+            info = tarfile.TarInfo(f"{key}.{field}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()

@@ -1,0 +1,58 @@
+"""The one place that turns a tokenizer's description into a tokenizer: the experiment's
+``tokenizer`` section (``kind``, ``checkpoint``, ``options``), or the identity a manifest or an
+export recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+
+from mvar_dist.tokenizer.base import ResidualTokenizer
+from mvar_dist.tokenizer.patch import PatchResidualTokenizer
+from mvar_dist.tokenizer.saving import read_saved_config
+from mvar_dist.tokenizer.vqvae import MultiScaleVQVAE
+
+Kind = Literal["vqvae", "patch"]
+KINDS: dict[str, type[ResidualTokenizer]] = {"vqvae": MultiScaleVQVAE, "patch": PatchResidualTokenizer}
+
+
+def kind_of(identity: Mapping[str, Any] | None, default: str = "vqvae") -> str:
+    """The kind of the tokenizer an identity describes (its recorded class), else ``default``."""
+    recorded = (identity or {}).get("class")
+    for kind, cls in KINDS.items():
+        if cls.IDENTITY_CLASS == recorded:
+            return kind
+    if recorded is not None:
+        raise ValueError(f"unknown tokenizer class {recorded!r}; known: {sorted(c.IDENTITY_CLASS for c in KINDS.values())}")
+    return default
+
+
+def load_tokenizer(
+    checkpoint: str | Path, kind: str = "vqvae", options: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> ResidualTokenizer:
+    """A tokenizer of ``kind`` with architecture ``options`` and the weights of ``checkpoint``,
+    in eval mode on ``device``. Raises FileNotFoundError or ValueError naming the file."""
+    if kind not in KINDS:
+        raise ValueError(f"tokenizer kind must be one of {sorted(KINDS)}, got {kind!r}")
+    try:
+        tokenizer = KINDS[kind].from_checkpoint(checkpoint, map_location=device, **dict(options or {}))
+    except TypeError as error:  # an option the class does not have
+        raise ValueError(f"tokenizer options {dict(options or {})} do not fit the {kind} tokenizer: {error}") from None
+    return tokenizer.to(device).eval()
+
+
+def load_recorded_tokenizer(
+    checkpoint: str | Path, recorded: Mapping[str, Any], device: str | torch.device = "cpu"
+) -> ResidualTokenizer:
+    """The tokenizer an export's config.json records (``kind``, ``options``, ``identity``),
+    with the weights of ``checkpoint``."""
+    identity = recorded.get("identity") or {}
+    kind = kind_of(identity, default=str(recorded.get("kind", "vqvae")))
+    # a file that records its own architecture is loaded as it is (the caller compares it with
+    # the identity); a bare state dict needs the recorded architecture to be built
+    described = read_saved_config(checkpoint, KINDS[kind].CONFIG_METADATA_KEY) is not None
+    options = {} if described else identity.get("config") or recorded.get("options") or {}
+    return load_tokenizer(checkpoint, kind, options, device)
