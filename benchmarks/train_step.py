@@ -54,11 +54,11 @@ def measure(args: argparse.Namespace) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    from mvar_dist.training.engine import build_engine
     from mvar_dist.model import MVAR
     from mvar_dist.tokenizer import MultiScaleVQVAE
-    from mvar_dist.training.step import ScaleStats, train_step
+    from mvar_dist.training.engine import build_engine
     from mvar_dist.training.schedule import step_groups
+    from mvar_dist.training.step import ScaleStats, train_step
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", init_method="env://")

@@ -30,8 +30,8 @@ from tqdm import tqdm
 import mvar_dist
 from mvar_dist.atomic import remove_leftovers, write_json, write_via_temp
 from mvar_dist.data_prep import preprocess
-from mvar_dist.shards.format import CODES_DTYPE, ShardWriter, encode_meta
 from mvar_dist.data_prep.sources import ImageRecord, ImageSource
+from mvar_dist.shards.format import CODES_DTYPE, ShardWriter, encode_meta
 from mvar_dist.tokenizer.base import Tokenizer
 
 logger = logging.getLogger(__name__)

@@ -228,3 +228,24 @@ def test_pyproject_installs_every_package():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
     assert packages - listed == set()
+
+
+def _config_fields() -> set[str]:
+    """Every field of every section of the experiment file, as ``section.field``."""
+    import dataclasses
+
+    from mvar_dist.config import ExperimentConfig
+
+    fields = set()
+    for section in dataclasses.fields(ExperimentConfig):
+        for field_ in dataclasses.fields(section.default_factory()):
+            if field_.init:
+                fields.add(f"{section.name}.{field_.name}")
+    return fields
+
+
+def test_config_reference_is_complete():
+    """docs/config.md documents every field in a table row starting with `section.field`."""
+    rows = set(re.findall(r"^\|\s*`(\w+\.\w+)`", (ROOT / "docs" / "config.md").read_text(), re.M))
+    assert sorted(_config_fields() - rows) == [], "fields missing from docs/config.md"
+    assert sorted(rows - _config_fields()) == [], "docs/config.md documents fields that do not exist"

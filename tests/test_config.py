@@ -9,12 +9,16 @@ import pytest
 import torch
 
 from mvar_dist.config import (
-    ConfigError, compatibility_hash, config_from_dict, incompatible_keys, load_config, validate,
+    ConfigError,
+    compatibility_hash,
+    config_from_dict,
+    incompatible_keys,
+    load_config,
+    validate,
 )
-from mvar_dist.training.engine import deepspeed_config, param_groups
-from mvar_dist.training.schedule import lr_factor
 from mvar_dist.model import MVAR
-from mvar_dist.training.schedule import step_groups
+from mvar_dist.training.engine import deepspeed_config, param_groups
+from mvar_dist.training.schedule import lr_factor, step_groups
 from mvar_dist.training.step import token_loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

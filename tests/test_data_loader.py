@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from mvar_dist.data import BadDataError, DataConfig, TrainLoader, ValLoader, build_train_loader, build_val_loader
-from mvar_dist.shards.manifest import check_manifest_matches, load_manifest
 from mvar_dist.data_prep import sources
 from mvar_dist.data_prep.merge import merge_manifest
-from mvar_dist.shards.format import CODES_FIELD, decode_codes
-from mvar_dist.shards.tar_reader import iter_samples
 from mvar_dist.data_prep.shard import shard_dataset
+from mvar_dist.shards.format import CODES_FIELD, decode_codes
+from mvar_dist.shards.manifest import check_manifest_matches, load_manifest
+from mvar_dist.shards.tar_reader import iter_samples
 from mvar_dist.tokenizer import MultiScaleVQVAE
 
 # 1x "downsampling": 4 px images, L = 30; cheap enough to tokenize 50 images in a test
@@ -232,7 +232,6 @@ def test_missing_field_and_wrong_length_are_masked(split_dir, tmp_path):
     assert len(list(islice(iter(train), train.batches_per_epoch))) == 6 and train.num_skipped == 2
     with pytest.raises(BadDataError, match="missing field"):
         list(ValLoader(manifest, config(bad_data="fail"), 0, 1, batch_size=16))
-
 
 
 def test_build_loaders_from_config(split_dir):

@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from mvar_dist.cli import main as cli_main
+from mvar_dist.commands.verify_shards import main as verify_main
 from mvar_dist.data_prep import preprocess, sources
 from mvar_dist.data_prep.merge import merge_manifest
+from mvar_dist.data_prep.shard import RECORDS_DIR, shard_dataset, tokenize_views
+from mvar_dist.data_prep.verify import verify_manifest
 from mvar_dist.shards.format import CODES_FIELD, decode_codes, key_from_path
 from mvar_dist.shards.tar_reader import iter_samples, read_canonical
-from mvar_dist.data_prep.shard import RECORDS_DIR, shard_dataset, tokenize_views
-from mvar_dist.commands.verify_shards import main as verify_main
-from mvar_dist.data_prep.verify import verify_manifest
 from mvar_dist.tokenizer import MultiScaleVQVAE
 
 # a tiny tokenizer: no downsampling, 4x4 latent -> 4 px images, L = 1+4+9+16 = 30

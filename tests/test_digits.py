@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from mvar_dist.quickstart.digits import (
-    DigitJudge, default_judge, grey_to_model_images, judge_accuracy, load_digits_split, read_image_folder, real_val_accuracy, upscale_digits, write_digits_image_folder,
+    DigitJudge,
+    default_judge,
+    grey_to_model_images,
+    judge_accuracy,
+    load_digits_split,
+    read_image_folder,
+    real_val_accuracy,
+    upscale_digits,
+    write_digits_image_folder,
 )
 
 

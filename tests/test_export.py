@@ -235,11 +235,12 @@ def _write_runs(root: Path, names: list[str]) -> None:
     import deepspeed
     import torch.nn.functional as F
 
-    from mvar_dist.training import checkpoint as checkpoints, engine as engine_lib
     from mvar_dist.config import compatibility_hash, config_from_dict, save_resolved
-    from mvar_dist.training.distributed import free_port
     from mvar_dist.tokenizer import PatchResidualTokenizer
     from mvar_dist.tracking import RunTracker
+    from mvar_dist.training import checkpoint as checkpoints
+    from mvar_dist.training import engine as engine_lib
+    from mvar_dist.training.distributed import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend="gloo", init_method="env://")

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from mvar_dist.quickstart.digits import (
-    default_judge, grey_to_model_images, judge_accuracy, load_digits_split, upscale_digits,
+    default_judge,
+    grey_to_model_images,
+    judge_accuracy,
+    load_digits_split,
+    upscale_digits,
 )
-from mvar_dist.tokenizer import PatchResidualTokenizer, QuickstartTokenizerConfig
-from mvar_dist.tokenizer import MultiScaleVQVAE
+from mvar_dist.tokenizer import MultiScaleVQVAE, PatchResidualTokenizer, QuickstartTokenizerConfig
 
 TINY = QuickstartTokenizerConfig(image_size=8, patch_size=2, patch_nums=(1, 2, 4), vocab_size=16)
 

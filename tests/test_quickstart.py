@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 
 from mvar_dist.config import config_from_dict, load_config
-from mvar_dist.quickstart.pipeline import GRID_ZOOM, NUM_CLASSES
 from mvar_dist.quickstart.experiment import IMAGE_SIZE, QuickstartPaths, experiment
+from mvar_dist.quickstart.pipeline import GRID_ZOOM, NUM_CLASSES
 
 REPO = Path(__file__).resolve().parent.parent
 

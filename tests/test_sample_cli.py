@@ -11,14 +11,13 @@ import torch
 from PIL import Image
 
 from mvar_dist import __version__
-from mvar_dist.cli import main as cli_main
 from mvar_dist.atomic import write_via_temp
-from mvar_dist.model.pretrained import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE
-from mvar_dist.sampling.images import compose_grid
+from mvar_dist.cli import main as cli_main
 from mvar_dist.model import MVAR, MVARConfig
-from mvar_dist.tokenizer import PatchResidualTokenizer, QuickstartTokenizerConfig
+from mvar_dist.model.pretrained import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE
 from mvar_dist.sampling.batches import batch_seed
-from mvar_dist.tokenizer import MultiScaleVQVAE
+from mvar_dist.sampling.images import compose_grid
+from mvar_dist.tokenizer import MultiScaleVQVAE, PatchResidualTokenizer, QuickstartTokenizerConfig
 
 PATCH = QuickstartTokenizerConfig(image_size=8, patch_size=2, channels=3, patch_nums=(1, 2, 4), vocab_size=16)
 VQVAE = dict(vocab_size=32, z_channels=8, ch=32, patch_nums=(1, 2, 3), ch_mult=(1,), num_res_blocks=1)

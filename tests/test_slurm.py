@@ -203,8 +203,8 @@ def test_unknown_partition_is_refused_before_submitting(capsys, tmp_path):
 @needs_cluster
 @pytest.mark.slow
 def test_two_task_job_agrees_on_rendezvous(tmp_path):
-    from mvar_dist.launch.slurm import make_executor
     from mvar_dist.launch.job import export_rendezvous_env
+    from mvar_dist.launch.slurm import make_executor
 
     executor = make_executor(LaunchConfig(tasks_per_node=2, time=15, job_name="rendezvous-test"), tmp_path)
     job = executor.submit(export_rendezvous_env, "slurm")  # the job's own code, in a real 2-task job

@@ -16,7 +16,12 @@ import pytest
 import yaml
 
 from mvar_dist.tracking import (
-    LOGGED_THROUGH_TAG, NullTracker, RunTracker, flatten_config, read_run_record, resolve_tracking_uri,
+    LOGGED_THROUGH_TAG,
+    NullTracker,
+    RunTracker,
+    flatten_config,
+    read_run_record,
+    resolve_tracking_uri,
 )
 from mvar_dist.tracking.tracker import MAX_PARAM_VALUE_LENGTH
 

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from mvar_dist.config import load_config
-from mvar_dist.run_dir import LATEST as LATEST_FILE, RUN_STATE as RUN_STATE_FILE
-from mvar_dist.training.schedule import lr_factor
+from mvar_dist.run_dir import LATEST as LATEST_FILE
+from mvar_dist.run_dir import RUN_STATE as RUN_STATE_FILE
 from mvar_dist.training.engine import param_groups
+from mvar_dist.training.schedule import lr_factor
 from mvar_dist.training.step import token_loss
 
 REPO = Path(__file__).resolve().parent.parent

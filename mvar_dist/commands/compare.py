@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.tracking.compare import DEFAULT_METRICS, CompareError, compare, resolve_tracking_uri
 
 
@@ -20,6 +20,7 @@ def _list(text: str | None) -> list[str] | None:
     return items or None
 
 
+@reports("compare", CompareError)
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="mvar-dist compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment of the runs)")
@@ -31,12 +32,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-plots", action="store_true", help="print the table only")
     args = parser.parse_args(list(argv))
     out_dir = None if args.no_plots else (args.out or Path(f"compare-{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.experiment)}"))
-    try:
-        uri = resolve_tracking_uri(args.tracking_uri, args.run_dir)
-        table, _, plots = compare(args.experiment, _list(args.runs), _list(args.metrics), uri, out_dir)
-    except CompareError as error:
-        print(f"mvar-dist compare: {error}", file=sys.stderr)
-        return 1
+    uri = resolve_tracking_uri(args.tracking_uri, args.run_dir)
+    table, _, plots = compare(args.experiment, _list(args.runs), _list(args.metrics), uri, out_dir)
     print(table)
     if plots:
         print("\nplots: " + ", ".join(str(p) for p in plots))

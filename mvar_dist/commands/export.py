@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.model.pretrained import read_export_metadata
 from mvar_dist.training.export import DTYPES, export_run, log_export_to_mlflow
 
 
+@reports("export", FileNotFoundError, ValueError)
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mvar-dist export",
@@ -24,12 +25,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--format", dest="fmt", choices=("safetensors", "official"), default="safetensors")
     parser.add_argument("--log-to-mlflow", action="store_true", help="also attach the export to the run's MLflow run")
     args = parser.parse_args(list(argv))
-    try:
-        weights = export_run(args.run_dir, args.out, args.tag, args.dtype, args.fmt)
-        artifact = log_export_to_mlflow(args.run_dir, args.out) if args.log_to_mlflow else None
-    except (FileNotFoundError, ValueError) as error:
-        print(f"mvar-dist export: {error}", file=sys.stderr)
-        return 1
+    weights = export_run(args.run_dir, args.out, args.tag, args.dtype, args.fmt)
+    artifact = log_export_to_mlflow(args.run_dir, args.out) if args.log_to_mlflow else None
     summary = read_export_metadata(args.out)["training"]
     print(f"exported step {summary['steps']} ({summary['checkpoint_tag']}) to {weights}")
     if artifact:

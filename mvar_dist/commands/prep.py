@@ -12,19 +12,16 @@ As a SLURM array (``--task-id/--num-tasks`` default to SLURM_ARRAY_TASK_ID/_COUN
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.data_prep.pipeline import prep_parser, run_prep
 
 
+@reports("prep", FileNotFoundError, ValueError, code=2)
 def main(argv: Sequence[str]) -> int:
     args = prep_parser().parse_args(list(argv))
-    try:
-        result = run_prep(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"mvar-dist prep: {error}", file=sys.stderr)
-        return 2
+    result = run_prep(args)
     summary = result.get("summary")
     if summary is not None:
         print(

@@ -4,10 +4,10 @@ verify -> 2-rank DeepSpeed training -> export -> judged samples (:mod:`mvar_dist
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.quickstart.experiment import DEFAULT_STEPS, EXPERIMENT
 from mvar_dist.quickstart.pipeline import QuickstartError, run_quickstart
 
@@ -51,13 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports("quickstart", QuickstartError, ValueError, FileExistsError)
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    try:
-        summary = run_quickstart(args.out, args.mode, args.steps, args.seed, args.nproc, args.per_class,
-                                 args.grid_per_class, args.fresh, args.overrides)
-    except (QuickstartError, ValueError, FileExistsError) as err:
-        print(f"mvar-dist quickstart: {err}", file=sys.stderr)
-        return 1
+    summary = run_quickstart(args.out, args.mode, args.steps, args.seed, args.nproc, args.per_class,
+                             args.grid_per_class, args.fresh, args.overrides)
     print(format_summary(summary))
     return 0

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.model.pretrained import read_export_metadata
 from mvar_dist.sampling.batches import PRECISIONS, parse_classes, resolve_settings, sample_batches
 from mvar_dist.sampling.exported import load_exported
@@ -112,12 +112,8 @@ def run(args: argparse.Namespace) -> str:
     return f"wrote {args.out}: {rows} classes x {len(labels) // rows} images of {images.shape[1]}x{images.shape[2]} px ({shown}; seed {args.seed})"
 
 
+@reports("sample", FileNotFoundError, ValueError)
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
-    try:
-        summary = run(args)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"mvar-dist sample: {error}", file=sys.stderr)
-        return 1
-    print(summary)
+    print(run(args))
     return 0

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.launch.status import run_status
 
 
@@ -43,15 +43,12 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@reports("status", FileNotFoundError, code=2)
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="mvar-dist status", description="State of a submitted run.")
     parser.add_argument("run_dir", type=Path, help="the run directory given to submit (config run.dir)")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(list(argv))
-    try:
-        status = run_status(args.run_dir.absolute())
-    except FileNotFoundError as err:
-        print(f"mvar-dist status: {err}", file=sys.stderr)
-        return 2
+    status = run_status(args.run_dir.absolute())
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0

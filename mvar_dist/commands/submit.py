@@ -4,10 +4,10 @@ sbatch script). Resources default to the experiment's ``launch`` section; flags 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.config import ConfigError, ExperimentConfig, LaunchConfig, LaunchError
 from mvar_dist.launch.slurm import sbatch_script
 from mvar_dist.launch.submit import prepare, submit
@@ -32,7 +32,6 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mvar-dist submit",
@@ -50,20 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports("submit", ConfigError, LaunchError, code=2)
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_intermixed_args(list(argv))
     changes = {field_: getattr(args, flag[2:].replace("-", "_")) for flag, (field_, _, _) in FLAGS.items()}
     changes.update(exclusive=args.exclusive, slurm_setup=args.slurm_setup)
-    try:
-        config, launch = prepare(args.config, args.overrides, changes, check_cluster=not args.dry_run)
-    except (ConfigError, LaunchError) as err:
-        print(f"mvar-dist submit: {err}", file=sys.stderr)
-        return 2
+    config, launch = prepare(args.config, args.overrides, changes, check_cluster=not args.dry_run)
     if args.dry_run:
         if launch.cluster != "slurm":
-            print("mvar-dist submit: --dry-run prints the sbatch script, which only --cluster slurm has",
-                  file=sys.stderr)
-            return 2
+            raise LaunchError("--dry-run prints the sbatch script, which only --cluster slurm has")
         print(sbatch_script(launch, config.run.dir), end="")
         return 0
     record = submit(config, launch, argv)

@@ -8,10 +8,10 @@ in a dependent job. Every option that is not a SLURM one goes to ``mvar-dist pre
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.config import LaunchError
 from mvar_dist.launch.prep_array import array_scripts, prep_target, resolve, submit_prep
 from mvar_dist.launch.slurm import check_partition
@@ -38,18 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports("submit-prep", LaunchError, code=2)
 def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     args, prep_argv = build_parser().parse_known_args(argv)
     prep_argv = [a for a in prep_argv if a != "--"]
-    try:
-        launch = resolve(args)
-        parsed = prep_target(prep_argv)
-        if launch.cluster == "slurm" and not args.dry_run:
-            check_partition(launch.partition)
-    except LaunchError as err:
-        print(f"mvar-dist submit-prep: {err}", file=sys.stderr)
-        return 2
+    launch = resolve(args)
+    parsed = prep_target(prep_argv)
+    if launch.cluster == "slurm" and not args.dry_run:
+        check_partition(launch.partition)
     out_dir = Path(parsed.out).absolute()
     run_dir = out_dir / parsed.split
     if args.dry_run:

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.config import ConfigError, load_config
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports("train", ConfigError, code=2)
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     if args.nproc:
@@ -30,16 +32,7 @@ def main(argv: Sequence[str]) -> int:
 
         child = [sys.executable, "-m", "mvar_dist", "train", "--config", args.config, *args.overrides]
         return launch(args.nproc, child)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"mvar-dist train: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     from mvar_dist.training.trainer import Trainer
 
-    try:
-        return Trainer(config).run()
-    except ConfigError as err:
-        print(f"mvar-dist train: {err}", file=sys.stderr)
-        return 2
-
+    return Trainer(config).run()

@@ -19,8 +19,16 @@ import yaml
 from mvar_dist.atomic import write_bytes
 from mvar_dist.config.loading import ConfigError, build, plain, read_config_file
 from mvar_dist.config.sections import (
-    CheckpointConfig, DebugConfig, DeepSpeedSection, LaunchConfig, OptimConfig, RunConfig, SampleConfig, TokenizerSection,
-    TrackingConfig, TrainConfig,
+    CheckpointConfig,
+    DebugConfig,
+    DeepSpeedSection,
+    LaunchConfig,
+    OptimConfig,
+    RunConfig,
+    SampleConfig,
+    TokenizerSection,
+    TrackingConfig,
+    TrainConfig,
 )
 from mvar_dist.data.config import DataConfig
 from mvar_dist.model.config import MVARConfig

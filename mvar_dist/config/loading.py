@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+import tomllib
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the field to fix."""
-
-
 
 
 def read_config_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:

@@ -20,8 +20,6 @@ class LaunchError(ValueError):
     """Bad launch input, found before anything is submitted."""
 
 
-
-
 def validate(config: ExperimentConfig, world_size: int) -> None:
     """Checks that do not fit one field: batch arithmetic, schedules, files. Before any compute."""
     train, model = config.train, config.model

@@ -201,7 +201,6 @@ class ValLoader(_Loader):
             yield take(batch)
 
 
-
 def build_train_loader(config: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int | None = None) -> TrainLoader:
     """The training loader of one rank; ``seed`` (e.g. the run's seed) replaces ``config.seed``.
     Check the manifest against the model with :func:`check_manifest_matches` (``loader.manifest``)."""

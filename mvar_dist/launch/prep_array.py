@@ -116,5 +116,3 @@ def submit_prep(launch: LaunchConfig, prep_argv: list[str], out_dir: Path, split
     if launch.cluster == "debug":
         record["manifest"] = merge.result()
     return record
-
-

@@ -4,7 +4,7 @@ Imports nothing from training, data loading, tracking or launching: a user who o
 from an exported model needs torch, safetensors and this package.
 """
 
-from mvar_dist.model.config import MVARConfig, Mode
+from mvar_dist.model.config import Mode, MVARConfig
 from mvar_dist.model.transformer import MVAR
 
 __all__ = ["MVAR", "MVARConfig", "Mode"]

@@ -19,6 +19,7 @@ from mvar_dist.model.blocks import AdaLNBeforeHead, AdaLNSelfAttentionBlock, KVC
 from mvar_dist.model.config import MVARConfig
 from mvar_dist.model.generate import generate as sample_images
 from mvar_dist.model.pretrained import read_export_weights
+
 # Buffers of the released checkpoints that are derived from the config; accepted on load, not kept.
 _IGNORED_MODEL_BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 

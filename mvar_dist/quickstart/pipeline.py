@@ -42,7 +42,10 @@ from mvar_dist.data_prep.sources import list_class_folder
 from mvar_dist.data_prep.verify import verify_manifest
 from mvar_dist.launch.local import launch
 from mvar_dist.quickstart.digits import (
-    judge_accuracy, read_image_folder, real_val_accuracy, write_digits_image_folder,
+    judge_accuracy,
+    read_image_folder,
+    real_val_accuracy,
+    write_digits_image_folder,
 )
 from mvar_dist.quickstart.experiment import DEFAULT_STEPS, IMAGE_SIZE, VAL_SIZE, Mode, QuickstartPaths, experiment
 from mvar_dist.quickstart.progress import TrainingProgress

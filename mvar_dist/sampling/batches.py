@@ -85,5 +85,3 @@ def sample_batches(
                 _, images = generate(model, batch, tokenizer, seed=batch_seed(seed, index), **settings.kwargs())
             yield to_uint8_hwc(images)
             bar.update(len(batch))
-
-

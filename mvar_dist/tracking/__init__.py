@@ -2,7 +2,12 @@
 directory to its MLflow run, and the comparison of runs (``mvar-dist compare``)."""
 
 from mvar_dist.tracking.run_record import (
-    LOGGED_THROUGH_TAG, RunRecord, mlflow_link, read_run_record, resolve_tracking_uri, write_run_record,
+    LOGGED_THROUGH_TAG,
+    RunRecord,
+    mlflow_link,
+    read_run_record,
+    resolve_tracking_uri,
+    write_run_record,
 )
 from mvar_dist.tracking.tracker import NullTracker, RunTracker, flatten_config
 

@@ -256,5 +256,3 @@ def compare(experiment: str, runs: Sequence[str] | None, metrics: Sequence[str] 
         plots = write_plots(store, chosen, names, out_dir)
         (out_dir / "table.md").write_text(table + "\n")
     return table, rows, plots
-
-

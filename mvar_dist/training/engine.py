@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 import mvar_dist
-
 from mvar_dist.config import ConfigError, ExperimentConfig
 from mvar_dist.training.schedule import lr_factor
 

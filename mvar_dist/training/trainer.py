@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from mvar_dist.config import (
-    RESUMABLE_CHANGES, ConfigError, ExperimentConfig, compatibility_hash, incompatible_keys, save_resolved, validate,
+    RESUMABLE_CHANGES,
+    ConfigError,
+    ExperimentConfig,
+    compatibility_hash,
+    incompatible_keys,
+    save_resolved,
+    validate,
 )
 from mvar_dist.model.released import load_released_weights
 from mvar_dist.model.transformer import MVAR
