@@ -1,5 +1,9 @@
 """Merge step: the per-shard records of all prep tasks -> ``<out>/<split>/manifest.json``
-(format: :mod:`mvar_dist.shards.manifest`)."""
+(format: :mod:`mvar_dist.shards.manifest`).
+
+Once every shard is complete no task writes into the split any more, so the merge removes every
+temporary file that a killed write left there: the manifest's, ``prep.json``'s, and those of
+shards and records whose task did not rerun."""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mvar_dist.data_prep.shard import PREP_FILE, RECORDS_DIR, shard_name
+from mvar_dist.data_prep.shard import PREP_FILE, RECORDS_DIR, remove_leftovers_of, shard_name
 from mvar_dist.scales import ScaleLayout
-from mvar_dist.shards.manifest import FORMAT, FORMAT_VERSION, SAMPLE_FORMAT, write_manifest
+from mvar_dist.shards.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, SAMPLE_FORMAT, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,8 @@ def merge_manifest(out_dir: str | Path, split: str) -> Path:
             f"{len(missing)} of {len(names)} shards in {split_dir} are not complete (e.g. {missing[:3]}); "
             "rerun the prep tasks that own them (shard i belongs to task i % num_tasks), then merge again"
         )
+    remove_leftovers_of(split_dir, [*names, MANIFEST_NAME])
+    remove_leftovers_of(split_dir / RECORDS_DIR, [*(f"{n}.json" for n in names), PREP_FILE])
     shards: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for name in names:

@@ -1,17 +1,71 @@
 """The prep pipeline behind ``mvar-dist prep`` and ``submit-prep``'s array tasks: its options,
 and one run (list the images, load the tokenizer, write this task's shards, merge when alone).
+
+Stopping: SLURM sends SIGUSR2 before the time limit (``--signal``) and SIGTERM on preemption or
+``scancel``. While writing shards, prep catches both (where nothing else, e.g. submitit, has a
+handler for them): it drops the shard in progress at the next tokenizer batch, keeps the finished
+shards and their records, and exits with ``EXIT_STOPPED`` (75), which ``slurm/prep_array.sbatch``
+answers with ``scontrol requeue``. A rerun skips the finished shards.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
+
+EXIT_STOPPED = 75  # sysexits' EX_TEMPFAIL: stopped on a signal, finished shards kept; run again to continue
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+class PrepStopped(SystemExit):
+    """Prep stopped on a signal; the process exits with ``EXIT_STOPPED`` (a SystemExit, so that
+    the command line returns that code whoever calls :func:`run_prep`)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(EXIT_STOPPED)
+        self.signal_name = signal_name
+
+
+class StopRequest:
+    """Set by a stop signal; prep polls it (``request()``) between tokenizer batches."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self) -> bool:
+        return self.signal_name is not None
+
+    def handle(self, number: int, frame: FrameType | None) -> None:
+        # only record it: the writer decides where stopping is safe
+        self.signal_name = self.signal_name or signal.Signals(number).name
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Catch STOP_SIGNALS while the block runs, restoring the previous handlers after it. A signal
+    whose handler is not the default one (submitit's, a caller's) is left alone, as are all
+    signals outside the main thread (where Python cannot install handlers)."""
+    request = StopRequest()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in STOP_SIGNALS:
+            if signal.getsignal(number) == signal.SIG_DFL:
+                previous[number] = signal.signal(number, request.handle)
+    try:
+        yield request
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _patch_nums(text: str) -> tuple[int, ...]:
@@ -73,9 +127,16 @@ def run_prep(args: argparse.Namespace) -> dict[str, Any]:
     if not args.source or not args.tokenizer:
         raise ValueError("SOURCE and --tokenizer are required (or pass --merge)")
 
+    with stop_on_signals() as stop:
+        return _tokenize_and_merge(args, stop)
+
+
+def _tokenize_and_merge(args: argparse.Namespace, stop: StopRequest) -> dict[str, Any]:
+    """List, tokenize this task's shards, merge when alone; PrepStopped once ``stop`` is set."""
     import torch
 
     from mvar_dist.data_prep import sources
+    from mvar_dist.data_prep.merge import merge_manifest
     from mvar_dist.data_prep.shard import shard_dataset
     from mvar_dist.tokenizer import load_tokenizer
 
@@ -92,8 +153,15 @@ def run_prep(args: argparse.Namespace) -> dict[str, Any]:
     summary = shard_dataset(
         source, args.out, tokenizer, name=args.name, split=args.split, shard_size=args.shard_size,
         batch_size=args.batch_size, task_id=args.task_id, num_tasks=args.num_tasks, order_seed=args.order_seed,
-        decode_threads=args.decode_threads, progress=not args.no_progress,
+        decode_threads=args.decode_threads, progress=not args.no_progress, stop=stop,
     )
+    if summary.stopped:
+        logger.warning(
+            "stopped by %s: wrote %d shards in this run and dropped the one in progress; finished shards and their "
+            "records are kept, so rerun the same command to continue (exit code %d)",
+            stop.signal_name, len(summary.shards_written), EXIT_STOPPED,
+        )
+        raise PrepStopped(str(stop.signal_name))
     result: dict[str, Any] = {"summary": summary}
     if args.num_tasks == 1 and not args.no_merge:
         result["manifest"] = str(merge_manifest(args.out, args.split))

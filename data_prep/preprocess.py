@@ -3,7 +3,8 @@
 MVAR's code caches the tokenizer's codes of each ImageNet image and of its horizontal flip
 (``main_cache.py``) after ADM's ``center_crop_arr`` (guided-diffusion, also used by DiT/MAR):
 
-1. decode with PIL and convert to RGB;
+1. decode with PIL and convert to RGB (16-bit grayscale, PIL modes ``I;16*`` and ``I``, is first
+   scaled to 8 bits as ``round(v / 257)``: PIL's own conversion clips it, turning most of it white);
 2. while the shorter side is >= 2 * size: halve both sides with ``Image.BOX`` (exact 2x2 area
    averaging, i.e. antialiased; integer division of odd sides);
 3. resize so that the shorter side is ``size`` with ``Image.BICUBIC`` (PIL's resize filters
@@ -16,6 +17,10 @@ VAR's own ImageNet loader (``utils/data.py``) instead resizes the shorter side t
 ``round(1.125 * size)`` with LANCZOS and takes a *random* crop per epoch; a random crop cannot
 be pre-tokenized once, which is why MVAR's cache uses the centered ADM crop with the flip as
 the only augmentation. We follow MVAR's cache (the recipe our loader reproduces).
+
+Images whose aspect ratio exceeds ``MAX_ASPECT_RATIO`` are refused (ValueError; prep skips them
+and lists them in the manifest): step 3 would blow a 1 x 100000 line up to 256 x 25.6M pixels, and
+the crop would keep a meaningless sliver of it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ import numpy as np
 from PIL import Image
 
 RECIPE_NAME = "adm_center_crop"
+# Generous for photographs; bounds step 3's image to MAX_ASPECT_RATIO * size**2 pixels
+# (3.3M at size 256) whatever the input.
+MAX_ASPECT_RATIO = 50
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older PIL reads 16-bit PNGs
 
 
 def recipe(size: int) -> dict[str, Any]:
@@ -34,7 +43,8 @@ def recipe(size: int) -> dict[str, Any]:
         "name": RECIPE_NAME,
         "size": size,
         "steps": [
-            "PIL decode, convert('RGB')",
+            f"refuse (skip) images with aspect ratio > {MAX_ASPECT_RATIO}:1",
+            "PIL decode; 16-bit grayscale (modes I;16*, I) to 8 bits as round(v/257); convert('RGB')",
             "while min(w, h) >= 2*size: resize to (w//2, h//2) with Image.BOX",
             "resize shorter side to size with Image.BICUBIC (antialiased), sides rounded",
             "center crop size x size at ((w-size)//2, (h-size)//2)",
@@ -45,9 +55,33 @@ def recipe(size: int) -> dict[str, Any]:
     }
 
 
+def check_shape(width: int, height: int, size: int) -> None:
+    """ValueError for an image :func:`center_crop_resize` must not process (see MAX_ASPECT_RATIO)."""
+    shorter, longer = min(width, height), max(width, height)
+    if shorter < 1:
+        raise ValueError(f"the image is {width}x{height}: it has no pixels")
+    if longer > MAX_ASPECT_RATIO * shorter:
+        scale = size / shorter
+        raise ValueError(
+            f"aspect ratio of the {width}x{height} image is beyond {MAX_ASPECT_RATIO}:1 (resizing its shorter side "
+            f"to {size} would make it {round(width * scale)}x{round(height * scale)} pixels)"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image.convert('RGB')``, but 16-bit grayscale is scaled to 8 bits (round(v / 257)) first
+    instead of clipped at 255. Mode ``I`` is taken as 16-bit, clipped to [0, 65535]."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8))  # mode L
+    return image.convert("RGB")
+
+
 def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
-    """RGB PIL image -> (size, size, 3) uint8 array, following :func:`recipe`."""
-    image = image.convert("RGB")
+    """PIL image -> (size, size, 3) uint8 RGB array, following :func:`recipe`; ValueError for
+    images beyond MAX_ASPECT_RATIO."""
+    check_shape(*image.size, size)
+    image = to_rgb(image)
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
     scale = size / min(image.size)
@@ -59,8 +93,10 @@ def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
 
 def load_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode, preprocess; returns the (size, size, 3) uint8 array and the original (w, h).
-    Raises whatever PIL raises for unreadable or truncated files."""
+    Raises whatever PIL raises for unreadable or truncated files, and ValueError for images
+    beyond MAX_ASPECT_RATIO (checked from the header, before decoding)."""
     with Image.open(path) as image:
         original = image.size
+        check_shape(*original, size)
         image.load()  # decode fully here, so truncated files fail now and not half-way
         return center_crop_resize(image, size), original

@@ -7,6 +7,14 @@ a temporary name and renamed when complete; then its record ``_records/<shard>.j
 (sample count, sha256, skipped images) is written the same way. A shard counts as done when its
 record exists: reruns skip it, and rewrite shards whose record is missing.
 
+A task owns its shards and their records, and nothing else: when it starts it removes the
+temporary files that a killed write of any of them left (``.<name>.<random>.tmp``); the merge
+removes the rest (the manifest's, ``prep.json``'s, and any a task did not get to clean).
+
+``stop`` (e.g. set by SIGUSR2/SIGTERM, see :mod:`mvar_dist.data_prep.pipeline`) is polled before
+every tokenizer batch: when it turns true the shard in progress is dropped (its temporary file
+removed), the finished shards and their records stay, and the summary says ``stopped``.
+
 The tokenizer is any :class:`~mvar_dist.tokenizer.Tokenizer` (``img_to_codes``, ``vocab_size``,
 ``patch_nums``, ``image_size`` and ``identity()`` are what prep uses).
 """
@@ -21,17 +29,18 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import mvar_dist
-from mvar_dist.atomic import remove_leftovers, write_json, write_via_temp
+from mvar_dist.atomic import write_json, write_via_temp
 from mvar_dist.data_prep import preprocess
 from mvar_dist.data_prep.sources import ImageRecord, ImageSource
 from mvar_dist.shards.format import CODES_DTYPE, ShardWriter, encode_meta
+from mvar_dist.shards.manifest import PLAIN_NAME_RULE, is_plain_name
 from mvar_dist.tokenizer.base import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -46,10 +55,54 @@ class ShardRunSummary:
     shards_skipped: list[str] = field(default_factory=list)  # already complete
     images_written: int = 0
     images_failed: int = 0
+    stopped: bool = False  # stop() turned true: the shard in progress was dropped, the rest not started
+
+
+class _Stopped(Exception):
+    """Raised inside a shard's write when ``stop()`` turns true, so that the write is abandoned."""
 
 
 def shard_name(name: str, split: str, index: int) -> str:
     return f"{name}-{split}-{index:06d}.tar"
+
+
+def check_shard_names(name: str, split: str) -> None:
+    """Refuse a ``--name``/``--split`` whose shard names a manifest could not hold (see
+    :func:`mvar_dist.shards.manifest.is_plain_name`), before anything is written."""
+    example = shard_name(name, split, 0)
+    if not is_plain_name(example) or not is_plain_name(split):
+        raise ValueError(
+            f"--name {name!r} and --split {split!r} make the shard name {example!r} (in directory {split!r}), which is "
+            f"not a plain file name ({PLAIN_NAME_RULE})"
+        )
+
+
+def leftovers_of(directory: Path, names: Iterable[str]) -> list[Path]:
+    """The temporary files that killed atomic writes of ``directory/<name>`` left, for each of
+    ``names``: ``.<name>.<random>.tmp`` (see :func:`mvar_dist.atomic.temporary_sibling`) and the
+    ``<name>.tmp`` of earlier versions. One scan of the directory, where
+    :func:`mvar_dist.atomic.remove_leftovers` would glob it once per name (thousands of shards)."""
+    wanted = set(names)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in os.scandir(directory):
+        if not entry.name.endswith(".tmp") or not entry.is_file(follow_symlinks=False):
+            continue
+        stem = entry.name[: -len(".tmp")]
+        # mkstemp's random part has no dot: '.<name>.<random>' -> '<name>'
+        if (entry.name.startswith(".") and stem[1:].rsplit(".", 1)[0] in wanted) or stem in wanted:
+            found.append(Path(entry.path))
+    return sorted(found)
+
+
+def remove_leftovers_of(directory: Path, names: Iterable[str]) -> list[Path]:
+    """Delete :func:`leftovers_of`; only for names this process owns (a live writer's file would go too)."""
+    removed = leftovers_of(directory, names)
+    for leftover in removed:
+        leftover.unlink(missing_ok=True)
+        logger.info("removed %s, left by an interrupted run", leftover)
+    return removed
 
 
 def prep_config(
@@ -117,18 +170,20 @@ def tokenize_views(tokenizer: Tokenizer, images: np.ndarray, device: torch.devic
 
 def _write_shard(
     path: Path, loaded: list[tuple[ImageRecord, Future]], tokenizer: Tokenizer, batch_size: int,
-    device: torch.device, bar: tqdm,
+    device: torch.device, bar: tqdm, stop: Callable[[], bool],
 ) -> tuple[int, list[dict[str, str]]]:
+    """Write one shard through a temporary file; raises _Stopped (temporary file removed) when
+    ``stop()`` turns true before a batch."""
     skipped: list[dict[str, str]] = []
     count = 0
-    for leftover in remove_leftovers(path):  # this task owns the shard: what a killed run left is ours
-        logger.info("removed %s, left by an interrupted run", leftover)
 
     def write(tmp: Path) -> None:
         nonlocal count
         with open(tmp, "wb") as f:
             writer = ShardWriter(f)
             for start in range(0, len(loaded), batch_size):
+                if stop():
+                    raise _Stopped
                 good = []
                 for record, future in loaded[start : start + batch_size]:
                     result = future.result()
@@ -171,8 +226,11 @@ def shard_dataset(
     order_seed: int | None = 0,
     decode_threads: int | None = None,
     progress: bool = True,
+    stop: Callable[[], bool] | None = None,
 ) -> ShardRunSummary:
     """Write this task's shards of ``source`` into ``out_dir/split``; see the module docstring."""
+    stop = stop or (lambda: False)
+    check_shard_names(name, split)
     if not 0 <= task_id < num_tasks:
         raise ValueError(f"task_id must be in [0, {num_tasks}), got {task_id}")
     if shard_size < 1 or batch_size < 1:
@@ -186,6 +244,9 @@ def shard_dataset(
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
     mine = [s for s in range(config["num_shards"]) if s % num_tasks == task_id]
+    owned = [shard_name(name, split, s) for s in mine]
+    remove_leftovers_of(split_dir, owned)
+    remove_leftovers_of(split_dir / RECORDS_DIR, [f"{shard}.json" for shard in owned])
     todo = [s for s in mine if not (split_dir / RECORDS_DIR / f"{shard_name(name, split, s)}.json").exists()]
     summary = ShardRunSummary(shards_skipped=[shard_name(name, split, s) for s in mine if s not in todo])
     if summary.shards_skipped:
@@ -205,7 +266,14 @@ def shard_dataset(
             if position + 2 < len(todo):
                 pending.append(submit(todo[position + 2]))
             shard = shard_name(name, split, index)
-            count, skipped = _write_shard(split_dir / shard, loaded, tokenizer, batch_size, device, bar)
+            try:
+                if stop():
+                    raise _Stopped
+                count, skipped = _write_shard(split_dir / shard, loaded, tokenizer, batch_size, device, bar, stop)
+            except _Stopped:
+                summary.stopped = True
+                pool.shutdown(wait=True, cancel_futures=True)  # decodes queued for later shards are not needed
+                break
             record = {
                 "shard": shard, "index": index, "num_samples": count, "bytes": (split_dir / shard).stat().st_size,
                 "sha256": file_sha256(split_dir / shard), "skipped": skipped, "fingerprint": fingerprint,

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvar_dist.shards.format import key_from_path
+from mvar_dist.shards.format import unique_keys
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +50,9 @@ def class_folders(root: Path) -> tuple[str, ...]:
 
 
 def _assign_keys(paths_and_labels: list[tuple[str, int]]) -> list[ImageRecord]:
-    keys = [key_from_path(p) for p, _ in paths_and_labels]
-    counts: dict[str, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    records = []
-    for (path, label), key in zip(paths_and_labels, keys):
-        if counts[key] > 1:  # a.jpg next to a.png: keep the extension to tell them apart
-            key = key_from_path(path.replace(".", "_"))
-        records.append(ImageRecord(path, label, key))
-    return records
+    """Records with keys unique over the whole split (see :func:`unique_keys` for the rule)."""
+    keys = unique_keys([path for path, _ in paths_and_labels])
+    return [ImageRecord(path, label, key) for (path, label), key in zip(paths_and_labels, keys)]
 
 
 def shard_order(records: list[ImageRecord], seed: int | None) -> tuple[ImageRecord, ...]:

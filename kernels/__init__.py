@@ -1,5 +1,6 @@
 """Attention kernels for mvar-dist, installed as ``mvar_dist.kernels``.
 
-``reference`` holds the torch implementations (the CPU path and the ground truth); the Triton
-kernels import triton lazily so that CPU-only installs never need it.
+``reference`` holds the torch implementations (the CPU path and the ground truth);
+``neighborhood`` holds the Triton kernels and imports triton, so callers import it only when
+they run on a GPU (the dispatcher in ``mvar_dist.model.attention`` does).
 """

@@ -40,11 +40,21 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a directory's entries (what a rename changed), to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def publish(tmp: str | Path, path: str | Path) -> None:
-    """Make the finished temporary file ``tmp`` durable and move it to ``path`` in one step."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    """Make the finished temporary file ``tmp`` durable and move it to ``path`` in one step;
+    the directory is synced too, so the new name survives a crash of the machine."""
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(Path(path).parent)
 
 
 def write_via_temp(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -11,6 +11,8 @@
             step_00000020/          DeepSpeed's files (model, ZeRO partitions, lr scheduler)
                 run_state.json      rank 0: step, config, config hash, MLflow run id, world size
                 rank_00001.pt       every rank: RNG states and data-loader state
+                files.json          name -> size of every file above, written once all are durable
+            step_00000018.damaged/  a tag found incomplete on resume, kept for inspection
             latest                  the newest complete tag, moved last with an atomic rename
 
 Only :mod:`mvar_dist.training.checkpoint` writes checkpoints; read-only tools (export, status,
@@ -28,6 +30,8 @@ from typing import Any
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 RUN_STATE = "run_state.json"
+FILES_RECORD = "files.json"
+LOCK = ".lock"
 RESOLVED_CONFIG = "config.yaml"
 MLFLOW_RECORD = "mlflow_run.json"
 JOB_RECORD = "slurm_job.json"
@@ -70,6 +74,10 @@ class RunDir:
     @property
     def mlflow_record(self) -> Path:
         return self.path / MLFLOW_RECORD
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK
 
     @property
     def job_record(self) -> Path:

@@ -186,7 +186,11 @@ def _exists_as_module_or_attribute(dotted: str) -> bool:
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
         name = ".".join(parts[:cut])
-        if importlib.util.find_spec(name) is not None:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent is a plain module: ``name`` is an attribute path
+            found = False
+        if found:
             if cut == len(parts):
                 return True
             obj = importlib.import_module(name)

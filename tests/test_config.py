@@ -3,6 +3,7 @@ optimizer groups, lr schedule, scale schedules, and the schedule-all gradient id
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,14 @@ def test_resume_compatibility_ignores_only_resumable_keys():
     assert config_from_dict(base).to_dict() == base
 
 
+def test_resume_may_change_the_bad_data_policy():
+    """A run that stops on damaged shards may resume with data.bad_data / max_bad_fraction changed."""
+    base = tiny().to_dict()
+    relaxed = tiny("data.bad_data=fail", "data.max_bad_fraction=0.05").to_dict()
+    assert incompatible_keys(base, relaxed) == []
+    assert compatibility_hash(base) == compatibility_hash(relaxed)
+
+
 def test_deepspeed_json_is_filled_from_the_experiment():
     config = tiny("deepspeed.template=zero3", "deepspeed.precision=bf16", "optim.grad_clip=1.5")
     ds = deepspeed_config(config, world_size=2)
@@ -186,3 +195,12 @@ def test_schedule_all_groups_sum_to_the_full_loss_gradient():
         logits = model(labels, teacher, group)
         token_loss(logits, model.targets_for(codes, group), logits.shape[1], 0.1).backward()
     assert any(not torch.allclose(a, b) for a, b in zip(full, grads()))
+
+
+def test_a_field_added_later_does_not_block_resuming_older_checkpoints():
+    current = config_from_dict({}).to_dict()
+    older = copy.deepcopy(current)
+    del older["model"]["attn_l2_norm"], older["optim"]["final_lr_ratio"]  # as if written before they existed
+    assert incompatible_keys(older, current) == []
+    older["optim"]["warmup_start"] = 0.5
+    assert incompatible_keys(older, current) == ["optim.warmup_start"]

@@ -149,6 +149,51 @@ def test_bad_input_fails_before_submitting(capsys, tmp_path):
     assert not run_dir.exists()
 
 
+def write_manifest_stub(split_dir: Path) -> Path:
+    """A manifest.json load_manifest accepts (no shards): enough for the checks before submitting."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    path = split_dir / "manifest.json"
+    path.write_text(json.dumps({"format": "mvar-dist-codes", "format_version": 1, "split": split_dir.name, "shards": []}))
+    return path
+
+
+def refuse_submission(*args, **kwargs):
+    raise AssertionError("the job was submitted although a check should have refused it")
+
+
+def test_missing_manifests_are_refused_before_submitting(capsys, tmp_path, monkeypatch):
+    import mvar_dist.commands.submit as submit_command
+
+    monkeypatch.setattr(submit_command, "submit", refuse_submission)
+    run_dir, manifest = tmp_path / "run", write_manifest_stub(tmp_path / "codes" / "train")
+    base = ("submit", "--config", str(TINY_CONFIG), f"run.dir={run_dir}", "tokenizer.checkpoint=null", "--cluster", "local")
+    missing = tmp_path / "gone" / "manifest.json"
+    code, _, err = run_cli(capsys, *base, f"data.train_manifest={missing}")
+    assert code == 2 and f"data.train_manifest: manifest {missing} does not exist" in err
+    code, _, err = run_cli(capsys, *base, f"data.train_manifest={manifest}", f"data.val_manifest={tmp_path / 'gone'}")
+    assert code == 2 and f"data.val_manifest: manifest {tmp_path / 'gone'} does not exist" in err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a manifest")
+    code, _, err = run_cli(capsys, *base, f"data.train_manifest={notes}")
+    assert code == 2 and f"data.train_manifest: {notes} is not a readable manifest.json" in err
+    code, _, err = run_cli(capsys, "submit", "--config", str(REFERENCE_CONFIG), f"run.dir={run_dir}", "--cluster", "local")
+    assert code == 2 and "data.train_manifest is not set" in err
+    assert not run_dir.exists()
+
+
+def test_manifest_urls_and_dry_runs_are_not_checked(tmp_path):
+    from mvar_dist.launch.submit import prepare
+
+    manifest = write_manifest_stub(tmp_path / "codes" / "train")
+    base = [f"run.dir={tmp_path / 'run'}", "tokenizer.checkpoint=null"]
+    # a split directory is as good as its manifest.json; a URL can only be read by the job
+    prepare(TINY_CONFIG, [*base, f"data.train_manifest={manifest.parent}", "data.val_manifest=s3://bucket/val/manifest.json"],
+            {"cluster": "local"})
+    prepare(TINY_CONFIG, [*base, "data.train_manifest=pipe:aws s3 cp s3://bucket/train/manifest.json -",
+                          "data.shard_url_template=pipe:aws s3 cp s3://bucket/{split}/{name} -"], {"cluster": "local"})
+    prepare(TINY_CONFIG, [*base, f"data.train_manifest={tmp_path / 'gone'}"], {"cluster": "local"}, dry_run=True)
+
+
 def test_status_without_submission_says_so(capsys, tmp_path):
     code, _, err = run_cli(capsys, "status", str(tmp_path))
     assert code == 2 and "slurm_job.json not found" in err
@@ -194,10 +239,44 @@ def wait_for_job(job_id: str, timeout_s: float = 600) -> str:
 @needs_cluster
 @pytest.mark.slow
 def test_unknown_partition_is_refused_before_submitting(capsys, tmp_path):
-    run_dir = tmp_path / "run"
-    code, _, err = run_cli(capsys, "submit", "--config", str(REFERENCE_CONFIG), f"run.dir={run_dir}", "--partition", "nope")
+    run_dir, manifest = tmp_path / "run", write_manifest_stub(tmp_path / "codes" / "train")
+    code, _, err = run_cli(capsys, "submit", "--config", str(REFERENCE_CONFIG), f"run.dir={run_dir}",
+                           f"data.train_manifest={manifest}", "--partition", "nope")
     assert code == 2 and "partition 'nope' does not exist" in err and "debug" in err
     assert not run_dir.exists()
+
+
+@needs_cluster
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (("--cpus-per-task", "4096"), "'allocation failure: Requested node configuration is not available'"),
+        (("--mem", "64T"), "'allocation failure: Requested node configuration is not available'"),
+        # no GPU at all on a CPU cluster (an invalid gres), more than a node has on a GPU cluster
+        (("--gpus-per-node", "64", "train.global_batch_size=128"), "--gpus-per-node=64"),
+    ],
+)
+def test_resources_no_node_has_are_refused_before_submitting(capsys, tmp_path, monkeypatch, flags, reason):
+    """sbatch would queue these and the job would pend forever; sbatch --test-only refuses them."""
+    import mvar_dist.commands.submit as submit_command
+
+    monkeypatch.setattr(submit_command, "submit", refuse_submission)
+    run_dir, manifest = tmp_path / "run", write_manifest_stub(tmp_path / "codes" / "train")
+    code, _, err = run_cli(capsys, "submit", "--config", str(TINY_CONFIG), f"run.dir={run_dir}", "tokenizer.checkpoint=null",
+                           f"data.train_manifest={manifest}", "--cluster", "slurm", "--time", "15", *flags)
+    assert code == 2, err
+    assert "the cluster can never run this job on the default partition: sbatch --test-only" in err and reason in err
+    assert not run_dir.exists()
+
+
+@needs_cluster
+def test_resources_a_node_has_pass_the_cluster_check(tmp_path):
+    from mvar_dist.launch.submit import prepare
+
+    manifest = write_manifest_stub(tmp_path / "codes" / "train")
+    overrides = [f"run.dir={tmp_path / 'run'}", "tokenizer.checkpoint=null", f"data.train_manifest={manifest}"]
+    _, launch = prepare(TINY_CONFIG, overrides, {"cluster": "slurm", "tasks_per_node": 2, "time": 15, "cpus_per_task": 1})
+    assert launch.world_size == 2
 
 
 @needs_cluster

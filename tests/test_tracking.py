@@ -23,7 +23,7 @@ from mvar_dist.tracking import (
     read_run_record,
     resolve_tracking_uri,
 )
-from mvar_dist.tracking.tracker import MAX_PARAM_VALUE_LENGTH
+from mvar_dist.tracking.mlflow_run import MAX_PARAM_VALUE_LENGTH
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402

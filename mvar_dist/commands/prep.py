@@ -18,7 +18,7 @@ from mvar_dist.commands.reporting import reports
 from mvar_dist.data_prep.pipeline import prep_parser, run_prep
 
 
-@reports("prep", FileNotFoundError, ValueError, code=2)
+@reports("prep", FileNotFoundError, ValueError, RuntimeError, code=2)
 def main(argv: Sequence[str]) -> int:
     args = prep_parser().parse_args(list(argv))
     result = run_prep(args)

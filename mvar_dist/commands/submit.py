@@ -54,7 +54,7 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_intermixed_args(list(argv))
     changes = {field_: getattr(args, flag[2:].replace("-", "_")) for flag, (field_, _, _) in FLAGS.items()}
     changes.update(exclusive=args.exclusive, slurm_setup=args.slurm_setup)
-    config, launch = prepare(args.config, args.overrides, changes, check_cluster=not args.dry_run)
+    config, launch = prepare(args.config, args.overrides, changes, dry_run=args.dry_run)
     if args.dry_run:
         if launch.cluster != "slurm":
             raise LaunchError("--dry-run prints the sbatch script, which only --cluster slurm has")

@@ -9,11 +9,12 @@ pass (``model.mode: var``). See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from mvar_dist.commands.reporting import reports
-from mvar_dist.config import ConfigError, load_config
+from mvar_dist.config import ConfigError, load_config, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,15 +25,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launched_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank when a launcher started it (RANK, else srun's SLURM_PROCID), else 0.
+
+    Read without :func:`mvar_dist.training.distributed.read_rank_env`, which raises on an
+    incomplete rendezvous environment: here we only decide who reports an error."""
+    env = os.environ if environ is None else environ
+    for name in ("RANK", "SLURM_PROCID"):
+        value = env.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 @reports("train", ConfigError, code=2)
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.nproc < 0:
+        parser.error(f"--nproc must be >= 1 (or left out for one rank), got {args.nproc}")
     if args.nproc:
+        # checked here, for the world size the ranks will have: a bad config gives one message and no rank
+        validate(load_config(args.config, args.overrides), args.nproc)
         from mvar_dist.launch.local import launch
 
         child = [sys.executable, "-m", "mvar_dist", "train", "--config", args.config, *args.overrides]
         return launch(args.nproc, child)
-    config = load_config(args.config, args.overrides)
-    from mvar_dist.training.trainer import Trainer
+    try:
+        config = load_config(args.config, args.overrides)
+        from mvar_dist.training.trainer import Trainer
 
-    return Trainer(config).run()
+        return Trainer(config).run()
+    except ConfigError:
+        # every rank finds the same problem in the same config: rank 0 says it, the others exit alike
+        if launched_rank() != 0:
+            return 2
+        raise

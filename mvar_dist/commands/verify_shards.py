@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
+from mvar_dist.commands.reporting import reports
 from mvar_dist.data_prep.verify import verify_manifest
 from mvar_dist.shards.manifest import find_manifests
 
 
+@reports("verify-shards", FileNotFoundError, ValueError, code=2)
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="mvar-dist verify-shards", description=__doc__.split("\n")[0])
     parser.add_argument("target", help="manifest.json, a split directory, or a prep --out directory (all splits)")

@@ -61,12 +61,14 @@ class ExperimentConfig:
 
 # Keys that may change between a checkpoint and its resumption; everything else defines the run.
 # File locations may move (a new cluster): the data loader checks the shards' sample count and
-# seed, the manifest check the tokenizer's weights, and init_from is not read on resume.
+# seed, the manifest check the tokenizer's weights, and init_from is not read on resume. How
+# damaged shards are treated (bad_data, max_bad_fraction) may change after a run stopped on them.
 RESUMABLE_CHANGES: tuple[str, ...] = (
     "run.dir", "train.total_steps", "train.log_every", "train.max_consecutive_nonfinite", "train.init_from",
     "train.val_every_steps", "train.val_max_batches",
     "checkpoint", "tracking", "sample", "debug", "launch", "data.num_workers", "data.prefetch_windows",
     "data.train_manifest", "data.val_manifest", "data.shard_url_template", "tokenizer.checkpoint",
+    "data.bad_data", "data.max_bad_fraction",
 )
 
 
@@ -76,9 +78,18 @@ def compatibility_hash(config_dict: Mapping[str, Any]) -> str:
 
 
 def incompatible_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring RESUMABLE_CHANGES."""
-    a, b = _flatten(_fixed_part(saved)), _flatten(_fixed_part(current))
+    """Dotted keys whose values differ between two config dicts, ignoring RESUMABLE_CHANGES. A key
+    that did not exist when ``saved`` was written counts as its default (a field added by a later
+    version must not make earlier checkpoints unresumable)."""
+    a, b = _flatten(_fixed_part(_with_defaults(saved))), _flatten(_fixed_part(_with_defaults(current)))
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _with_defaults(config_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    try:
+        return config_from_dict(config_dict).to_dict()
+    except ConfigError:  # a key this version does not know: compare what is there
+        return config_dict
 
 
 def _fixed_part(config_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -74,6 +74,8 @@ class CheckpointConfig:
 class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite in run.dir
     experiment: str = "mvar-dist"
+    timeout_s: float = 10.0  # every MLflow call gives up after this long; training never waits longer
+    retry_interval_s: float = 60.0  # after a failed call, no call is tried for this long (queued metrics wait)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class DebugConfig:
 
     kill_after_checkpoint_step: int | None = None  # SIGKILL every rank right after this checkpoint
     nonfinite_loss_steps: tuple[int, ...] = ()  # steps whose loss is replaced by NaN on rank 0
+    stop_at_step: int | None = None  # rank 0 acts as if a stop signal arrived during this step
 
 
 @dataclass

@@ -4,16 +4,22 @@ files, SLURM resources. They run once, before any rank starts, and name the fiel
 from __future__ import annotations
 
 import logging
+import math
 import re
+import string
 from pathlib import Path
 
+from mvar_dist.config.deepspeed_templates import read_template
 from mvar_dist.config.experiment import ExperimentConfig
 from mvar_dist.config.loading import ConfigError
-from mvar_dist.config.sections import LaunchConfig
+from mvar_dist.config.sections import LaunchConfig, OptimConfig, SampleConfig
+from mvar_dist.data.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
 _MEM_PATTERN = re.compile(r"^[0-9]+[KMGT]?B?$", re.IGNORECASE)
+# what mvar_dist.shards.manifest.load_manifest fills into data.shard_url_template
+SHARD_URL_PLACEHOLDERS = ("name", "split")
 
 
 class LaunchError(ValueError):
@@ -41,20 +47,17 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
         )
     if not 0.0 <= train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
-    optim = config.optim
-    if optim.warmup_steps < 0 or optim.warmup_steps >= train.total_steps:
-        raise ConfigError(
-            f"optim.warmup_steps must be in 0..train.total_steps-1 ({train.total_steps - 1}), got {optim.warmup_steps}"
-        )
-    if config.peak_lr <= 0 or optim.grad_clip < 0 or optim.weight_decay < 0:
-        raise ConfigError("optim: lr must be positive, grad_clip and weight_decay non-negative")
-    if config.checkpoint.every_steps < 1 or config.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+    _validate_optim(config.optim, train.total_steps)
+    for name in ("every_steps", "keep_last"):
+        if getattr(config.checkpoint, name) < 1:
+            raise ConfigError(f"checkpoint.{name} must be >= 1, got {getattr(config.checkpoint, name)}")
     _validate_eval(config)
-    try:
-        config.data.validate()
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    _validate_sample(config.sample, config.model.num_classes)
+    _validate_data(config.data)
+    _finite_at_least("tracking.timeout_s", config.tracking.timeout_s, 0.0, strict=True)
+    _finite_at_least("tracking.retry_interval_s", config.tracking.retry_interval_s, 0.0, strict=False)
+    # the engine reads the template after distributed init: a bad name would fail every rank there
+    read_template(config.deepspeed.template, config.deepspeed.precision)
     for name, value in (("train.init_from", train.init_from), ("tokenizer.checkpoint", config.tokenizer.checkpoint)):
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{name}: file {value} does not exist")
@@ -72,16 +75,86 @@ def _validate_eval(config: ExperimentConfig) -> None:
             f"train.val_every_steps={train.val_every_steps} needs data.val_manifest (the validation split's "
             f"manifest.json); set it or use train.val_every_steps=0"
         )
-    if sample.every_steps > 0:
-        if sample.per_class < 1:
-            raise ConfigError(f"sample.per_class must be >= 1, got {sample.per_class}")
-        classes = sample.grid_classes(config.model.num_classes)
-        bad = [c for c in classes if not 0 <= c <= config.model.num_classes]
-        if not classes or bad:
-            raise ConfigError(
-                f"sample.classes must be a non-empty list of labels in 0..{config.model.num_classes} "
-                f"(model.num_classes = unconditional), got {list(classes)}"
-            )
+
+
+def _finite_at_least(name: str, value: float, low: float, strict: bool, note: str = "") -> None:
+    """NaN fails every comparison, so ``value <= 0`` alone would let it through."""
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}{note}, got {value}")
+
+
+def _validate_optim(optim: OptimConfig, total_steps: int) -> None:
+    """Every optimizer value, checked here once: a NaN would otherwise only show as NaN weights."""
+    if optim.warmup_steps < 0 or optim.warmup_steps >= total_steps:
+        raise ConfigError(
+            f"optim.warmup_steps must be in 0..train.total_steps-1 ({total_steps - 1}), got {optim.warmup_steps}"
+        )
+    if optim.lr is not None:
+        _finite_at_least("optim.lr", optim.lr, 0.0, strict=True)
+    _finite_at_least("optim.base_lr", optim.base_lr, 0.0, strict=True)
+    for i, beta in enumerate(optim.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
+    _finite_at_least("optim.eps", optim.eps, 0.0, strict=True)
+    for name in ("warmup_start", "final_lr_ratio"):  # fractions of the peak lr
+        value = getattr(optim, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"optim.{name} must be in [0, 1], got {value}")
+    _finite_at_least("optim.grad_clip", optim.grad_clip, 0.0, strict=False, note=" (0 disables clipping)")
+    _finite_at_least("optim.weight_decay", optim.weight_decay, 0.0, strict=False)
+
+
+def _validate_sample(sample: SampleConfig, num_classes: int) -> None:
+    """The settings published with the model and used by grids: checked whether a grid is due or not."""
+    _finite_at_least("sample.cfg", sample.cfg, 0.0, strict=False)
+    if not 0.0 <= sample.top_p <= 1.0:
+        raise ConfigError(f"sample.top_p must be in [0, 1], got {sample.top_p}")
+    if sample.top_k < 0:
+        raise ConfigError(f"sample.top_k must be >= 0 (0 keeps every token), got {sample.top_k}")
+    if sample.per_class < 1:
+        raise ConfigError(f"sample.per_class must be >= 1, got {sample.per_class}")
+    classes = sample.grid_classes(num_classes)
+    bad = [c for c in classes if not 0 <= c <= num_classes]
+    if not classes or bad:
+        raise ConfigError(
+            f"sample.classes must be a non-empty list of labels in 0..{num_classes} "
+            f"(model.num_classes = unconditional), got {list(classes)}"
+        )
+
+
+def _validate_data(data: DataConfig) -> None:
+    try:
+        data.validate()
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if data.seed < 0:  # numpy's generators refuse negative seeds, at the first batch
+        raise ConfigError(f"data.seed must be >= 0, got {data.seed}")
+    if data.shard_url_template:
+        _validate_shard_url_template(data.shard_url_template)
+
+
+def _validate_shard_url_template(template: str) -> None:
+    """Only the placeholders load_manifest fills; else every rank fails reading the manifest."""
+    name = "data.shard_url_template"
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:
+        raise ConfigError(f"{name} {template!r} is not a valid template: {err}") from None
+    unknown = [field for field in fields if field not in SHARD_URL_PLACEHOLDERS]
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown placeholder {{{unknown[0]}}} in {template!r}; only {{name}} and {{split}} exist "
+            "(write {{ and }} for a literal brace)"
+        )
+    if "name" not in fields:
+        raise ConfigError(
+            f"{name} {template!r} must contain {{name}} (the shard's file name): without it every shard "
+            "has the same URL"
+        )
+    try:  # format specs and nested fields ("{name:d}", "{name:{x}}") fail only when formatted
+        template.format(name="shard-000000.tar", split="train")
+    except (ValueError, KeyError, IndexError, AttributeError) as err:
+        raise ConfigError(f"{name} {template!r} is not a valid template: {err!r}") from None
 
 
 def validate_launch(launch: LaunchConfig) -> None:

@@ -19,6 +19,16 @@ Guarantees (see :mod:`mvar_dist.data.plan` for the layout):
   fraction of it already consumed (global samples consumed / new global batch, rounded up);
   within that one epoch the new layout may then repeat or miss samples. Later epochs are exact.
 - Validation visits every sample exactly once across ranks and workers; see :class:`ValLoader`.
+
+Bad data (``data.bad_data``): with ``fail`` the first bad sample raises :class:`BadDataError`.
+With ``skip``, a bad training sample's slot takes a random good sample of its window, a bad
+validation sample is masked; a shard that raises OSError is tried again first (see
+:mod:`mvar_dist.data.reader`). A training window with no readable sample at all takes random
+samples of the next window that has some, rather than yielding nothing: skipping it would leave
+this rank with fewer batches in the epoch than the others, its epoch would end early, and the
+ranks would drift apart in their epochs and sample sets. Either way the window's bad samples are
+counted, and once they exceed ``max_bad_fraction`` of max(samples read, one epoch) the loader
+raises BadDataError naming the shards.
 """
 
 from __future__ import annotations

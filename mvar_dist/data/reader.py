@@ -1,13 +1,27 @@
 """Reading one window of samples from the shards (in a DataLoader worker): the fast canonical
 path or the general tar reader, bad samples replaced or masked, the flip view chosen, samples
-shuffled. Which windows exist is :mod:`mvar_dist.data.plan`."""
+shuffled. Which windows exist is :mod:`mvar_dist.data.plan`.
+
+A shard that cannot be opened or read (an OSError: a network file system's hiccup, an object
+store's failed request, a ``pipe:`` command's non-zero exit) is tried again after each delay of
+``READ_RETRY_DELAYS_S`` before its samples count as bad. A shard that reads but does not parse is
+bad at once: reading it again gives the same bytes.
+
+A training window whose samples are all bad (under ``bad_data: skip``) is filled like any other
+window's bad slots, with random samples, here from the next window of the plan that has readable
+ones (read again when that window's turn comes): the window keeps its size, so every rank still
+yields the same number of batches per epoch and stays in step with the others, its bad samples
+count towards ``max_bad_fraction`` as usual, and the result depends only on the plan and the
+shards, so resuming inside such a window is exact.
+"""
 
 from __future__ import annotations
 
 import io
 import logging
+import time
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -18,6 +32,11 @@ from mvar_dist.shards.format import CLS_FIELD, CODES_DTYPE, CODES_FIELD, NUM_VIE
 from mvar_dist.shards.tar_reader import ShardReadError, iter_samples, read_canonical
 
 logger = logging.getLogger(__name__)
+
+# Waits before the 2nd, 3rd, ... try of a shard that raised OSError: 4 tries over 7.5 s, for
+# hiccups; a longer outage makes the shard's samples bad (counted, or fatal under 'fail').
+# Looked up at each read, so tests can shorten it.
+READ_RETRY_DELAYS_S: tuple[float, ...] = (0.5, 2.0, 5.0)
 
 
 class BadDataError(RuntimeError):
@@ -52,10 +71,26 @@ class WindowReader:
             raise BadDataError(f"bad data in shard {name}, sample {key}: {reason} (set data.bad_data='skip' to skip it)")
         bad.setdefault(name, f"sample {key}: {reason}")
 
-    def _read_chunk(self, chunk: Chunk, bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(codes (m, 2, L) uint16, labels (m,), valid (m,)) of the chunk's m samples."""
+    def _read_shard(self, shard: int) -> bytes:
+        """The shard's bytes; an OSError is retried after each of READ_RETRY_DELAYS_S, then raised
+        with the number of tries in its message."""
         import webdataset  # opener for paths, file:, pipe:, http(s):, ... URLs
 
+        url, delays, attempt = self.shard_urls[shard], READ_RETRY_DELAYS_S, 0
+        while True:
+            try:
+                with webdataset.gopen(url, "rb") as stream:
+                    return stream.read()
+            except OSError as error:
+                if attempt == len(delays):
+                    raise OSError(f"{error} (gave up after {attempt + 1} tries)") from error
+                logger.warning("reading shard %s failed (%s); try %d of %d in %.1f s", url, error, attempt + 2,
+                               len(delays) + 1, delays[attempt])
+                time.sleep(delays[attempt])
+                attempt += 1
+
+    def _read_chunk(self, chunk: Chunk, bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(codes (m, 2, L) uint16, labels (m,), valid (m,)) of the chunk's m samples."""
         expected = NUM_VIEWS * self.num_tokens * CODES_DTYPE.itemsize
         size = chunk.stop - chunk.start
         codes = np.zeros((size, expected), dtype=np.uint8)
@@ -63,8 +98,7 @@ class WindowReader:
         valid = np.zeros(size, dtype=bool)
         keys: dict[int, str] = {}
         try:
-            with webdataset.gopen(self.shard_urls[chunk.shard], "rb") as stream:
-                data = stream.read()
+            data = self._read_shard(chunk.shard)
         except OSError as error:
             self._bad(chunk.shard, "#0", f"cannot read shard: {error}", bad)
             return codes.view(CODES_DTYPE).reshape(size, NUM_VIEWS, -1), labels, valid
@@ -122,22 +156,45 @@ class WindowReader:
             self._bad(chunk.shard, f"#{position}", f"shard unreadable from sample {position} on: {error}", bad)
         return position
 
-    def read(self, window: Window) -> WindowData:
-        bad: dict[str, str] = {}
+    def _read_samples(self, window: Window, bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(codes (K, 2, L), labels (K,), valid (K,)) of the window's samples in plan order."""
         parts = [self._read_chunk(chunk, bad) for chunk in window.chunks]
-        if parts:
-            stacked, label_array, valid = (np.concatenate(p) for p in zip(*parts))
-        else:
-            stacked = np.zeros((0, NUM_VIEWS, self.num_tokens), CODES_DTYPE)
-            label_array, valid = np.zeros(0, np.int64), np.zeros(0, bool)
+        if not parts:
+            return np.zeros((0, NUM_VIEWS, self.num_tokens), CODES_DTYPE), np.zeros(0, np.int64), np.zeros(0, bool)
+        stacked, labels, valid = (np.concatenate(p) for p in zip(*parts))
+        return stacked, labels, valid
+
+    def _fill_from(self, window: Window, following: Iterable[Window], bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and labels of the good samples of the first of ``following`` that has any: what a
+        training window with no readable sample is filled with (see the module docstring)."""
+        for candidate in following:
+            stacked, labels, valid = self._read_samples(candidate, {})  # its bad shards are reported in its turn
+            if valid.any():
+                logger.warning(
+                    "no readable sample in window %d of epoch %d (shards %s): filled with samples of window %d of epoch %d",
+                    window.index, window.epoch, sorted(bad), candidate.index, candidate.epoch,
+                )
+                return stacked[valid], labels[valid]
+        raise BadDataError(
+            f"no readable sample in window {window.index} of epoch {window.epoch} nor in the windows after it "
+            f"(shards {sorted(bad)}); run 'mvar-dist verify-shards'"
+        )
+
+    def read(self, window: Window, following: Iterable[Window] = ()) -> WindowData:
+        """The window's samples; ``following`` (the plan's next windows, read lazily) fills a
+        training window that has no readable sample."""
+        bad: dict[str, str] = {}
+        stacked, label_array, valid = self._read_samples(window, bad)
         num_bad, size = int((~valid).sum()), len(valid)
         if window.shuffle:
             rng = np.random.default_rng([self.seed, window.epoch, self.rank, window.index])
             good = np.flatnonzero(valid)
-            if good.size == 0:
-                raise BadDataError(f"every sample of a training window is bad (shards {sorted(bad)})")
-            # bad slots take random good samples of the same window: the window keeps its size,
-            # so every rank keeps the same number of batches
+            if good.size == 0 and size:
+                fill_codes, fill_labels = self._fill_from(window, following, bad)
+                good = np.arange(size, size + len(fill_labels))
+                stacked, label_array = np.concatenate([stacked, fill_codes]), np.concatenate([label_array, fill_labels])
+            # bad slots take random good samples (of the same window where it has any): the window
+            # keeps its size, so every rank keeps the same number of batches
             source = np.arange(size)
             source[~valid] = rng.choice(good, size=num_bad)
             source = source[rng.permutation(size)]
@@ -163,5 +220,14 @@ class WindowStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         number = self.first + worker
         while (window := self.plan.window(number)) is not None:
-            yield self.reader.read(window)
+            yield self.reader.read(window, self._following(number))
             number += workers
+
+    def _following(self, number: int) -> Iterator[Window]:
+        """The windows after ``number``, up to one epoch's worth (training plans are endless)."""
+        limit = self.plan.windows_per_epoch if isinstance(self.plan, TrainPlan) else 0
+        for later in range(number + 1, number + 1 + limit):
+            window = self.plan.window(later)
+            if window is None:
+                return
+            yield window

@@ -25,6 +25,44 @@ def check_partition(partition: str | None) -> None:
         raise LaunchError(f"partition {partition!r} does not exist on this cluster; partitions: {', '.join(names)}")
 
 
+# slurm_parameters keys that decide where and whether the job can run (not names, logs or signals)
+RESOURCE_PARAMETERS = (
+    "nodes", "ntasks_per_node", "cpus_per_task", "gpus_per_node", "mem", "time", "partition", "account", "qos",
+    "constraint", "exclusive",
+)
+
+
+def check_resources(launch: LaunchConfig) -> None:
+    """Fail before submitting when Slurm says the job could never start on the partition.
+
+    ``sbatch --test-only`` asks slurmctld to schedule the job without queueing it: a request no
+    node can satisfy (more CPUs, memory or GPUs than a node has, an unknown feature) is refused
+    there, whereas a real submission would pend forever. A busy cluster is not an error: it
+    answers with an expected start time. Limits enforced only at scheduling time (partition
+    MaxTime with EnforcePartLimits=NO, association limits) may still pass this test.
+    """
+    params = slurm_parameters(launch)
+    flags = [
+        f"--{key.replace('_', '-')}" if params[key] is True else f"--{key.replace('_', '-')}={params[key]}"
+        for key in RESOURCE_PARAMETERS if key in params
+    ]
+    command = ["sbatch", "--test-only", *flags, "--wrap", "true"]
+    try:
+        answer = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise LaunchError("sbatch not found: this machine is not a SLURM client; use --cluster local") from None
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"{' '.join(command)} got no answer within 60 s (is slurmctld up?)") from None
+    if answer.returncode != 0:
+        reason = " ".join(line.strip() for line in answer.stderr.splitlines() if line.strip()) or f"exit code {answer.returncode}"
+        where = f"partition {launch.partition!r}" if launch.partition else "the default partition"
+        raise LaunchError(
+            f"the cluster can never run this job on {where}: {' '.join(command[:-2])} answered {reason!r}. "
+            "Ask for what one node has (sinfo -N -o '%P %N %c %m %G %f' lists CPUs, memory in MB, GPUs "
+            "and features per node): --nodes, --tasks-per-node/--gpus-per-node, --cpus-per-task, --mem, --constraint"
+        )
+
+
 def slurm_parameters(launch: LaunchConfig) -> dict[str, Any]:
     """SlurmExecutor parameters (names of submitit's sbatch writer) for this launch."""
     params: dict[str, Any] = {

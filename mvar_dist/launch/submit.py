@@ -9,9 +9,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mvar_dist.config import ExperimentConfig, LaunchConfig, load_config, validate, validate_launch
-from mvar_dist.launch.slurm import check_partition, make_executor
+from mvar_dist.config import ConfigError, ExperimentConfig, LaunchConfig, load_config, validate, validate_launch
+from mvar_dist.launch.slurm import check_partition, check_resources, make_executor
 from mvar_dist.launch.status import write_job_record
+from mvar_dist.shards.manifest import load_manifest
 
 
 def resolve_launch(config: ExperimentConfig, changes: Mapping[str, Any]) -> LaunchConfig:
@@ -20,9 +21,13 @@ def resolve_launch(config: ExperimentConfig, changes: Mapping[str, Any]) -> Laun
 
 
 def prepare(
-    config_file: str | Path, overrides: Sequence[str], changes: Mapping[str, Any], check_cluster: bool = True,
+    config_file: str | Path, overrides: Sequence[str], changes: Mapping[str, Any], dry_run: bool = False,
 ) -> tuple[ExperimentConfig, LaunchConfig]:
-    """Load, merge and check everything; raises ConfigError/LaunchError before any submission."""
+    """Load, merge and check everything; raises ConfigError/LaunchError before any submission.
+
+    ``dry_run`` (``--dry-run``: print the script) checks the config and resources only; else the
+    manifests must exist and, for ``--cluster slurm``, the partition must be able to run the job.
+    """
     config = load_config(config_file, overrides)
     launch = resolve_launch(config, changes)
     validate_launch(launch)
@@ -31,9 +36,30 @@ def prepare(
     # the run's saved config records the resources it ran with
     config = dataclasses.replace(config, run=run, launch=launch)
     validate(config, launch.world_size)
-    if launch.cluster == "slurm" and check_cluster:
+    if dry_run:
+        return config, launch
+    check_manifests(config)
+    if launch.cluster == "slurm":
         check_partition(launch.partition)
+        check_resources(launch)  # else a job no node can hold pends forever
     return config, launch
+
+
+def check_manifests(config: ExperimentConfig) -> None:
+    """The data.*_manifest files a job would read, read here: a job must not queue for hours to
+    fail on a typo. URLs (``s3://``, ``pipe:``) are left to the job, which may see other storage."""
+    data = config.data
+    if not data.train_manifest:
+        raise ConfigError("data.train_manifest is not set: point it at the train split's manifest.json (or its directory)")
+    for name, location in (("data.train_manifest", data.train_manifest), ("data.val_manifest", data.val_manifest)):
+        if not location or "://" in location or location.startswith("pipe:"):
+            continue
+        try:
+            load_manifest(location, data.shard_url_template)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{name}: {err}") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{name}: {location} is not a readable manifest.json: {err!r}") from None
 
 
 def submit(config: ExperimentConfig, launch: LaunchConfig, argv: Sequence[str]) -> dict[str, Any]:

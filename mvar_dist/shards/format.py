@@ -13,11 +13,13 @@ Raw bytes decode with one ``np.frombuffer`` (no header to parse). Reading is in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
 import tarfile
-from typing import BinaryIO
+from collections import Counter
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
@@ -39,10 +41,56 @@ def key_from_path(relative_path: str) -> str:
     stem = relative_path.rsplit(".", 1)[0] if "." in relative_path.rsplit("/", 1)[-1] else relative_path
     key = _UNSAFE_KEY_CHARS.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), stem)
     if len(key) > _MAX_KEY_CHARS:
-        import hashlib
-
         key = key[: _MAX_KEY_CHARS - 17].rstrip("%") + "_" + hashlib.sha1(relative_path.encode()).hexdigest()[:16]
     return key
+
+
+def _with_extension(relative_path: str) -> str:
+    """The key of a path whose stem other files share (``a.jpg`` next to ``a.png``): the
+    extension becomes part of the key (``a_jpg``)."""
+    return key_from_path(relative_path.replace(".", "_"))
+
+
+def _hashed_key(relative_path: str, attempt: int) -> str:
+    """A key that ends in a hash of the path (and of ``attempt``, to step past a name that is taken)."""
+    digest = hashlib.sha1(f"{attempt}:{relative_path}".encode()).hexdigest()[:16]
+    return _with_extension(relative_path)[: _MAX_KEY_CHARS - 17].rstrip("%") + "_" + digest
+
+
+def unique_keys(relative_paths: Sequence[str]) -> list[str]:
+    """One distinct key per path (the paths must be distinct), whatever the names:
+
+    1. a path whose :func:`key_from_path` no other path shares keeps it;
+    2. paths sharing one (``a.jpg``, ``a.png``) put the extension into the key (``a_jpg``,
+       ``a_png``) where that key is still free and no other path of this step makes it too;
+    3. the rest (``a.jpg`` next to a file ``a_jpg.png``, whose key is ``a_jpg``) get a key ending
+       in a hash of the path, stepping on until it is free.
+
+    Steps 1 and 2 are the rule of earlier versions, so names that never collided keep their keys.
+    The result does not depend on the order of the paths (step 3 goes in sorted order).
+    """
+    if len(set(relative_paths)) != len(relative_paths):
+        duplicates = sorted(p for p, n in Counter(relative_paths).items() if n > 1)
+        raise ValueError(f"image paths listed more than once: {duplicates[:3]}")
+    plain = [key_from_path(p) for p in relative_paths]
+    shared = Counter(plain)
+    keys: list[str | None] = [k if shared[k] == 1 else None for k in plain]
+    taken = {k for k in keys if k is not None}
+    pending = sorted((p, i) for i, p in enumerate(relative_paths) if keys[i] is None)
+    second = Counter(_with_extension(p) for p, _ in pending)
+    for path, index in pending:
+        key = _with_extension(path)
+        if second[key] == 1 and key not in taken:
+            keys[index] = key
+            taken.add(key)
+    for path, index in pending:
+        if keys[index] is None:
+            attempt = 0
+            while (key := _hashed_key(path, attempt)) in taken:
+                attempt += 1
+            keys[index] = key
+            taken.add(key)
+    return [k for k in keys if k is not None]
 
 
 def encode_codes(codes: np.ndarray) -> bytes:

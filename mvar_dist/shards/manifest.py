@@ -15,6 +15,7 @@ directory. Format (``format_version`` 1)::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -34,6 +35,18 @@ SAMPLE_FORMAT = {
     ),
     META_FIELD: '{"path": source path relative to the dataset root, "size": [width, height] of the original}',
 }
+
+
+# Shard names are joined to the manifest's directory or put into data.shard_url_template, whose
+# ``pipe:`` URLs run in a shell: a name must be a plain file name, nothing a path or a shell reads.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+PLAIN_NAME_RULE = "letters, digits, '.', '_' and '-', not starting with '.' or '-'"
+
+
+def is_plain_name(name: object) -> bool:
+    """True for a plain relative file name (see ``PLAIN_NAME_RULE``): no directory part, no '..',
+    no absolute path, no shell syntax."""
+    return isinstance(name, str) and _PLAIN_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -75,8 +88,13 @@ def load_manifest(location: str | Path, shard_url_template: str | None = None) -
         data = json.loads(Path(location).read_text())
     if data.get("format") != FORMAT:
         raise ValueError(f"{location} is not an mvar-dist code manifest (format={data.get('format')!r})")
-    names = [s["name"] for s in data["shards"]]
+    names = _shard_names(location, data)
     if shard_url_template:
+        if not is_plain_name(data.get("split")):  # it goes into the template too
+            raise ValueError(
+                f"manifest {location}: split {data.get('split')!r} is not a plain name ({PLAIN_NAME_RULE}); "
+                "refusing to put it into data.shard_url_template"
+            )
         urls = [shard_url_template.format(name=n, split=data["split"]) for n in names]
     elif location.startswith("pipe:"):
         raise ValueError(f"manifest {location} is read through a pipe: set data.shard_url_template to locate its shards")
@@ -85,6 +103,42 @@ def load_manifest(location: str | Path, shard_url_template: str | None = None) -
     else:
         urls = [str(Path(location).parent / n) for n in names]
     return Manifest(location, data, tuple(urls))
+
+
+def _shard_names(location: str, data: Mapping[str, Any]) -> list[str]:
+    """The shard names of a manifest; ValueError naming the first entry that is not a plain file name."""
+    names = []
+    for index, entry in enumerate(data["shards"]):
+        name = entry.get("name") if isinstance(entry, Mapping) else None
+        if not is_plain_name(name):
+            raise ValueError(
+                f"manifest {location}: shards[{index}] has name {name!r}, which is not a plain file name "
+                f"({PLAIN_NAME_RULE}); refusing it, since shard names are joined to the manifest's directory "
+                "or put into data.shard_url_template (pipe: URLs run in a shell)"
+            )
+        names.append(name)
+    return names
+
+
+def check_same_classes(train: Manifest, val: Manifest) -> None:
+    """Raise ValueError unless the train and validation manifests list the same classes in the same
+    order: class indices are positions in that list, so a validation split prepared from a tree
+    missing one class would shift every label after it."""
+    ours, theirs = list(train.classes), list(val.classes)
+    if ours == theirs:
+        return
+    common = min(len(ours), len(theirs))
+    index = next((i for i in range(common) if ours[i] != theirs[i]), common)
+    if index < common:
+        difference = f"first difference at index {index}: train {ours[index]!r}, validation {theirs[index]!r}"
+    else:
+        longer, classes = ("train", ours) if len(ours) > len(theirs) else ("validation", theirs)
+        difference = f"first difference at index {index}: only {longer} has a class there, {classes[index]!r}"
+    raise ValueError(
+        f"the class lists differ: train manifest {train.location} has {len(ours)} classes, validation manifest "
+        f"{val.location} has {len(theirs)} classes; {difference}. Prepare the validation split with "
+        "'mvar-dist prep ... --classes-from <train manifest>' so that its class indices match training's."
+    )
 
 
 def check_manifest_matches(

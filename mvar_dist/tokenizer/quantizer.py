@@ -28,11 +28,8 @@ class Phi(nn.Conv2d):
 
 
 class SharedPhis(nn.Module):
-    """K phi convolutions shared by all scales; scale s uses ``phi_index(s, S, K)``.
-
-    With the released K = 4 this is the published choice; for other K the published code spaces
-    its ticks differently (1/(2K) margins), so only K = 4 reproduces a published model.
-    """
+    """K phi convolutions shared by all scales; scale s uses ``phi_index(s, S, K)`` (the
+    published tick rule for any K: 1/(3K) margins for K = 4, 1/(2K) otherwise)."""
 
     def __init__(self, channels: int, num_convs: int, mix: float, num_scales: int) -> None:
         super().__init__()

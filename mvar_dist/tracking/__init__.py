@@ -9,9 +9,9 @@ from mvar_dist.tracking.run_record import (
     resolve_tracking_uri,
     write_run_record,
 )
-from mvar_dist.tracking.tracker import NullTracker, RunTracker, flatten_config
+from mvar_dist.tracking.tracker import NullTracker, RunTracker, Tracker, flatten_config
 
 __all__ = [
-    "LOGGED_THROUGH_TAG", "NullTracker", "RunRecord", "RunTracker", "flatten_config", "mlflow_link", "read_run_record",
+    "LOGGED_THROUGH_TAG", "NullTracker", "RunRecord", "RunTracker", "Tracker", "flatten_config", "mlflow_link", "read_run_record",
     "resolve_tracking_uri", "write_run_record",
 ]

@@ -4,8 +4,10 @@ data-loader state, ``latest`` moved last, old tags pruned. The layout is
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mvar_dist.atomic import write_bytes, write_json, write_via_temp
-from mvar_dist.run_dir import ResumePoint, RunDir, tag_for
+from mvar_dist.atomic import fsync_path, write_bytes, write_json, write_via_temp
+from mvar_dist.run_dir import FILES_RECORD, ResumePoint, RunDir, step_of, tag_for
+from mvar_dist.training.safe_loading import inspect_files, weights_only_loading
 
 logger = logging.getLogger(__name__)
+
+_PER_RANK = re.compile(r"zero_pp_rank_(\d+)_|^rank_(\d+)\.pt$")
 
 
 # ----- RNG states -----
@@ -68,21 +73,36 @@ def _barrier() -> None:
 def save_checkpoint(
     engine: Any, run_dir: RunDir, step: int, run_state: dict[str, Any], rank_state: dict[str, Any], keep_last: int,
 ) -> Path:
-    """Collective: every rank writes its part; ``latest`` moves only once all have finished."""
+    """Collective: every rank writes its part and makes it durable; ``latest`` moves only once
+    all files of the tag and the tag directory are on disk (a node crash may lose the newest
+    tag, never leave ``latest`` naming a tag that is incomplete)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
+    tag_dir = run_dir.tag_dir(tag)
     engine.save_checkpoint(str(run_dir.checkpoints), tag=tag, client_state={"run_state": run_state}, save_latest=False)
-    run_dir.tag_dir(tag).mkdir(parents=True, exist_ok=True)
+    tag_dir.mkdir(parents=True, exist_ok=True)
     write_via_temp(run_dir.rank_file(tag, rank), lambda tmp: torch.save(rank_state, tmp))
-    if rank == 0:
-        write_json(run_dir.run_state_file(tag), run_state)
+    for path in sorted(tag_dir.iterdir()):
+        if _written_by(path.name, rank):  # DeepSpeed writes without fsync
+            fsync_path(path)
     _barrier()
     if rank == 0:
+        write_json(run_dir.run_state_file(tag), run_state)
+        sizes = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+        write_json(run_dir.tag_dir(tag) / FILES_RECORD, sizes)
+        fsync_path(tag_dir)
         write_bytes(run_dir.latest_file, (tag + "\n").encode())
         prune_checkpoints(run_dir, keep_last)
     _barrier()
-    logger.info("saved checkpoint %s", run_dir.tag_dir(tag))
-    return run_dir.tag_dir(tag)
+    logger.info("saved checkpoint %s", tag_dir)
+    return tag_dir
+
+
+def _written_by(name: str, rank: int) -> bool:
+    """Which rank makes a file of a tag durable: per-rank files (DeepSpeed's ``zero_pp_rank_<r>_``,
+    our ``rank_<r>.pt``) their writer, everything else rank 0."""
+    per_rank = _PER_RANK.search(name)
+    return int(per_rank.group(1) or per_rank.group(2)) == rank if per_rank else rank == 0
 
 
 def prune_checkpoints(run_dir: RunDir, keep_last: int) -> None:
@@ -100,11 +120,13 @@ def prune_checkpoints(run_dir: RunDir, keep_last: int) -> None:
 
 
 def load_checkpoint(engine: Any, run_dir: RunDir, point: ResumePoint) -> dict[str, Any]:
-    """Load weights, optimizer and lr scheduler into ``engine``; returns this rank's extra state."""
+    """Load weights, optimizer and DeepSpeed state into ``engine`` (no unpickling of anything but
+    tensors and DeepSpeed's few types); returns this rank's extra state."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    path, _ = engine.load_checkpoint(
-        str(run_dir.checkpoints), tag=point.tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    with weights_only_loading():
+        path, _ = engine.load_checkpoint(
+            str(run_dir.checkpoints), tag=point.tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {run_dir.tag_dir(point.tag)}")
     rank_file = run_dir.rank_file(point.tag, rank)
@@ -114,3 +136,68 @@ def load_checkpoint(engine: Any, run_dir: RunDir, point: ResumePoint) -> dict[st
             f"resume with the same world size"
         )
     return torch.load(rank_file, map_location="cpu", weights_only=True)
+
+
+# ----- finding a checkpoint to resume from -----
+
+
+def damage(run_dir: RunDir, tag: str) -> str | None:
+    """What is wrong with checkpoint ``tag`` (missing, truncated or unreadable files), or None.
+    Raises UnsafeCheckpointError for a file that would run code when loaded."""
+    tag_dir = run_dir.tag_dir(tag)
+    if not tag_dir.is_dir():
+        return "the tag directory is missing"
+    try:
+        point = run_dir.read_resume_point(tag)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        return f"{run_dir.run_state_file(tag).name} is missing or unreadable ({error})"
+    record = tag_dir / FILES_RECORD
+    if record.is_file():  # tags of earlier versions have none: their files are only inspected
+        for name, size in json.loads(record.read_text()).items():
+            path = tag_dir / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
+    for rank in range(int(point.run_state.get("world_size") or 1)):
+        if not run_dir.rank_file(tag, rank).is_file():
+            return f"{run_dir.rank_file(tag, rank).name} is missing"
+    return inspect_files(tag_dir)
+
+
+def find_resume_point(run_dir: RunDir) -> tuple[ResumePoint | None, list[tuple[str, str]]]:
+    """The checkpoint to resume from: the tag ``latest`` names, or, if that one is damaged (a node
+    crash, a full disk), the newest older tag that is complete. Returns it with the (tag, reason)
+    of every damaged tag passed over; None for a fresh run."""
+    latest = run_dir.latest_tag()
+    if latest is None:
+        return None, []
+    newest = step_of(latest)
+    older = [tag_for(s) for s in reversed(run_dir.tag_steps()) if newest is None or s < newest]
+    damaged: list[tuple[str, str]] = []
+    for tag in [latest, *older]:
+        problem = damage(run_dir, tag)
+        if problem is None:
+            return run_dir.read_resume_point(tag), damaged
+        damaged.append((tag, problem))
+        logger.error("checkpoint %s is damaged: %s", run_dir.tag_dir(tag), problem)
+    raise RuntimeError(
+        f"no complete checkpoint in {run_dir.checkpoints} (damaged: {damaged}); move the checkpoints "
+        f"directory aside to start this run over"
+    )
+
+
+def set_aside_damaged(run_dir: RunDir, damaged: list[tuple[str, str]], point: ResumePoint) -> None:
+    """Rank 0, on resuming from an older ``point``: rename the damaged tags ``<tag>.damaged``
+    (kept for inspection, never deleted) and point ``latest`` at ``point``."""
+    for tag, reason in damaged:
+        source = run_dir.tag_dir(tag)
+        if source.is_dir():
+            target = source.with_name(f"{tag}.damaged")
+            suffix = 1
+            while target.exists():
+                target, suffix = source.with_name(f"{tag}.damaged-{suffix}"), suffix + 1
+            source.rename(target)
+            logger.error("kept the damaged checkpoint as %s (%s)", target, reason)
+    write_bytes(run_dir.latest_file, (point.tag + "\n").encode())
+    logger.error("falling back to %s: resuming at step %d", point.tag, point.step)

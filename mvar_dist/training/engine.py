@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-import mvar_dist
-from mvar_dist.config import ConfigError, ExperimentConfig
+from mvar_dist.config import ExperimentConfig
+from mvar_dist.config.deepspeed_templates import resolve_template
 from mvar_dist.training.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
-
-# configs/deepspeed/ sits at the repository top level (editable installs, checkouts); a regular
-# install carries a copy inside the package as mvar_dist/configs (see pyproject.toml).
-_PACKAGE = Path(mvar_dist.__file__).resolve().parent
-_TEMPLATE_CANDIDATES = (_PACKAGE / "configs" / "deepspeed", _PACKAGE.parent / "configs" / "deepspeed")
-TEMPLATE_DIR = next((p for p in _TEMPLATE_CANDIDATES if p.is_dir()), _TEMPLATE_CANDIDATES[-1])
 
 # Parameters whose names contain one of these are excluded from weight decay, as in the
 # released VAR/MVAR code (utils/lr_control.filter_params with train.py's nowd_keys): the
@@ -35,20 +28,6 @@ NO_DECAY_KEYS: tuple[str, ...] = (
 
 
 # ----- DeepSpeed config -----
-
-
-def resolve_template(name: str, precision: str) -> Path:
-    """``zero2`` + ``bf16`` -> configs/deepspeed/zero2_bf16.json if it exists, else zero2.json."""
-    as_path = Path(name)
-    if as_path.suffix == ".json":
-        if not as_path.is_file():
-            raise ConfigError(f"deepspeed.template: file {as_path} does not exist")
-        return as_path
-    for candidate in (TEMPLATE_DIR / f"{name}_{precision}.json", TEMPLATE_DIR / f"{name}.json"):
-        if candidate.is_file():
-            return candidate
-    known = sorted(p.stem for p in TEMPLATE_DIR.glob("*.json"))
-    raise ConfigError(f"deepspeed.template: no template {name!r} in {TEMPLATE_DIR}; known: {known}")
 
 
 def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any]:
@@ -93,7 +72,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: int) -> Any:
-    """deepspeed.initialize with torch AdamW and a LambdaLR that DeepSpeed checkpoints."""
+    """deepspeed.initialize with torch AdamW; the lr is set before every step (:func:`set_lr`)."""
     import deepspeed
 
     optimizer = torch.optim.AdamW(
@@ -103,21 +82,21 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: i
         eps=config.optim.eps,
         foreach=False,
     )
-
-    def factor(step: int) -> float:  # a plain function: LambdaLR then checkpoints only its step
-        return lr_factor(step, config)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     ds_config = deepspeed_config(config, world_size)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        dist_init_required=False,
-    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return engine
 
 
-def current_lr(engine: Any) -> float:
-    return float(engine.optimizer.param_groups[0]["lr"])
+def set_lr(engine: Any, config: ExperimentConfig, step: int) -> float:
+    """The lr of optimizer step ``step`` (1-based) on every parameter group; returns it.
+
+    A function of the step count alone: DeepSpeed steps an lr scheduler only when the optimizer
+    step was applied, so a scheduler would fall behind by every step skipped for non-finite
+    gradients; and nothing about the schedule needs checkpointing."""
+    lr = config.peak_lr * lr_factor(step - 1, config)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def on_every_rank(fn: Callable[[], Any]) -> Any:
@@ -136,3 +115,12 @@ def on_every_rank(fn: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return result
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a picklable object); the value itself without a group."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

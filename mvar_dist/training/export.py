@@ -29,6 +29,7 @@ from mvar_dist.model.transformer import MVAR
 from mvar_dist.run_dir import RunDir
 from mvar_dist.tokenizer import load_tokenizer
 from mvar_dist.tracking.run_record import read_run_record
+from mvar_dist.training.safe_loading import inspect_files, weights_only_loading
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,11 @@ def consolidate(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed probes for an accelerator on import
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    problem = inspect_files(tag_dir)  # raises for a file that would run code when unpickled
+    if problem is not None:
+        raise ValueError(f"{tag_dir} is damaged: {problem}")
     chatter = io.StringIO()  # zero_to_fp32 prints its progress
-    with contextlib.redirect_stdout(chatter):
+    with contextlib.redirect_stdout(chatter), weights_only_loading():
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     logger.debug("zero_to_fp32: %s", chatter.getvalue().strip())
     return strip_wrapper_prefixes({k: v.detach().cpu() for k, v in state.items()})

@@ -152,8 +152,11 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        self.request(signal.Signals(signum).name)
+
+    def request(self, reason: str) -> None:
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = reason
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -1,0 +1,592 @@
+"""Faults in data prep and loading (issue 11): hostile shard names, colliding keys, leftovers of
+killed writes, mismatched class lists, extreme images, flaky file systems, unreadable training
+windows, and prep stopped by SLURM's signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mvar_dist.atomic import temporary_sibling
+from mvar_dist.cli import main as cli_main
+from mvar_dist.data import BadDataError, DataConfig, TrainLoader, ValLoader
+from mvar_dist.data import reader as reader_module
+from mvar_dist.data_prep import preprocess, sources
+from mvar_dist.data_prep.merge import merge_manifest
+from mvar_dist.data_prep.shard import RECORDS_DIR, shard_dataset
+from mvar_dist.data_prep.verify import verify_manifest
+from mvar_dist.shards.format import CODES_FIELD, decode_codes
+from mvar_dist.shards.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest
+from mvar_dist.shards.tar_reader import iter_samples
+from mvar_dist.tokenizer import MultiScaleVQVAE
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENIZER_CONFIG = dict(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4), ch_mult=(1,), num_res_blocks=1)
+TOKENIZER_FLAGS = [
+    "--vocab-size", "64", "--z-channels", "8", "--ch", "32", "--patch-nums", "1,2,3,4",
+    "--tokenizer-options", json.dumps({"ch_mult": [1], "num_res_blocks": 1}), "--device", "cpu", "--no-progress",
+]
+NUM_CLASSES, PER_CLASS, SHARD_SIZE = 4, 12, 7  # 48 samples in 7 shards, the last one short
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> MultiScaleVQVAE:
+    torch.manual_seed(0)
+    return MultiScaleVQVAE(**TOKENIZER_CONFIG)
+
+
+def random_image(rng: np.random.Generator, low: int = 4, high: int = 12) -> Image.Image:
+    shape = (int(rng.integers(low, high)), int(rng.integers(low, high)), 3)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+
+
+def write_images(root: Path, classes: int, per_class: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            random_image(rng).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def shard_files(split_dir: Path) -> dict[str, list]:
+    manifest = json.loads((split_dir / MANIFEST_NAME).read_text())
+    result = {}
+    for shard in manifest["shards"]:
+        with open(split_dir / shard["name"], "rb") as f:
+            result[shard["name"]] = list(iter_samples(f))
+    return result
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Every temporary file of an atomic write (any version's naming) under ``directory``."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*.tmp"))
+
+
+# ----- shard names in a manifest -----
+
+UNSAFE_NAMES = [
+    "../outside.tar", "/etc/passwd", "sub/shard.tar", "..", ".", "", "shard.tar; touch PWNED", "$(touch PWNED).tar",
+    "`touch PWNED`.tar", "a b.tar", "-rf.tar", ".hidden.tar", "shard.tar\n", "sh\\ard.tar", "{name}.tar",
+]
+
+
+def write_manifest_with(tmp_path: Path, names: list) -> Path:
+    split = tmp_path / "train"
+    split.mkdir(exist_ok=True)
+    shards = [{"name": n, "num_samples": 1, "sha256": "0" * 64, "bytes": 1} for n in names]
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "split": "train", "num_samples": len(names),
+            "num_shards": len(names), "shards": shards, "classes": ["a"], "num_classes": 1}
+    (split / MANIFEST_NAME).write_text(json.dumps(data))
+    return split / MANIFEST_NAME
+
+
+@pytest.mark.parametrize("bad", UNSAFE_NAMES)
+def test_manifest_refuses_shard_names_that_are_not_plain_file_names(tmp_path, bad):
+    path = write_manifest_with(tmp_path, ["good-train-000000.tar", bad])
+    with pytest.raises(ValueError) as caught:
+        load_manifest(path)
+    message = str(caught.value)
+    assert str(path) in message and "shards[1]" in message and repr(bad) in message
+    # through a pipe: template nothing may run either
+    with pytest.raises(ValueError, match=r"shards\[1\]"):
+        load_manifest(path, shard_url_template=f"pipe:cat {tmp_path}/{{name}}")
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+
+
+def test_manifest_refuses_non_string_names(tmp_path):
+    path = write_manifest_with(tmp_path, ["good-train-000000.tar", 7])
+    with pytest.raises(ValueError, match=r"shards\[1\]"):
+        load_manifest(path)
+
+
+def test_manifest_split_put_into_a_url_template_must_be_plain(tmp_path):
+    path = write_manifest_with(tmp_path, ["good-train-000000.tar"])
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"split": "x; touch PWNED"}))
+    with pytest.raises(ValueError, match=r"split 'x; touch PWNED'"):
+        load_manifest(path, shard_url_template=f"pipe:cat {tmp_path}/{{split}}/{{name}}")
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+
+
+def test_manifest_accepts_plain_names(tmp_path):
+    names = ["imagenet-train-000000.tar", "my_set.v2-val-000001.tar", "A-B_c.d-999999.tar"]
+    manifest = load_manifest(write_manifest_with(tmp_path, names))
+    assert manifest.shard_urls == tuple(str(tmp_path / "train" / n) for n in names)
+
+
+def test_prep_refuses_a_name_that_makes_unsafe_shard_names(tmp_path, tokenizer):
+    images = write_images(tmp_path / "images", 1, 2)
+    for name, split in (("../up", "train"), ("a/b", "train"), ("x", "tr ain"), ("$(id)", "train")):
+        with pytest.raises(ValueError, match="shard name"):
+            shard_dataset(sources.list_class_folder(images), tmp_path / "out", tokenizer, name=name, split=split,
+                          shard_size=2, progress=False)
+    assert not (tmp_path / "up-train-000000.tar").exists()
+
+
+# ----- keys -----
+
+def test_keys_are_unique_for_adversarial_names():
+    from mvar_dist.shards.format import unique_keys
+
+    names = ["c0/a.jpg", "c0/a.png", "c0/a_jpg.png", "c0/a_png.jpg", "c0/a_jpg_png.bmp", "c0/a.JPG", "c0/a_JPG.png",
+             "c0/a.b.jpg", "c0/a_b.jpg", "c0/a_b_jpg.png", "c0/a%2Eb.png", "c0/a.b.png",
+             "c0/" + "y" * 200 + ".jpg", "c0/" + "y" * 200 + ".png", "c0/" + "y" * 200 + "_jpg.png"]
+    keys = unique_keys(names)
+    assert len(set(keys)) == len(keys) == len(names)
+    assert all(len(k) <= 80 and "." not in k for k in keys)
+    # names that never collided keep today's key: existing shards keep their keys
+    assert keys[names.index("c0/a_jpg_png.bmp")] == "c0/a_jpg_png"
+    # a stem shared by two files: the extension becomes part of the key, as before
+    assert keys[names.index("c0/a_b_jpg.png")] == "c0/a_b_jpg"
+    # and the result does not depend on the listing order
+    shuffled = names[::-1]
+    assert dict(zip(shuffled, unique_keys(shuffled))) == dict(zip(names, keys))
+
+
+def test_keys_are_unique_for_random_name_sets():
+    from mvar_dist.shards.format import unique_keys
+
+    rng = random.Random(0)
+    parts = ["a", "_", ".", "jpg", "png", "%2E", "_jpg", ".jpg", "b"]
+    for _ in range(300):
+        names = {"c/" + "".join(rng.choice(parts) for _ in range(rng.randint(1, 5))) + rng.choice([".jpg", ".png"])
+                 for _ in range(rng.randint(2, 12))}
+        keys = unique_keys(sorted(names))
+        assert len(set(keys)) == len(names), sorted(names)
+
+
+def test_keys_unchanged_for_names_that_never_collided():
+    records = sources._assign_keys([("n01/n01_10026.JPEG", 0), ("n01/x.png", 0), ("n01/x.jpg", 0), ("n02/a b.png", 1)])
+    assert [r.key for r in records] == ["n01/n01_10026", "n01/x_png", "n01/x_jpg", "n02/a%20b"]
+
+
+def test_prep_with_colliding_names_writes_shards_verify_accepts(tmp_path, tokenizer):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images" / "c0"
+    folder.mkdir(parents=True)
+    names = ["a.jpg", "a.png", "a_jpg.png", "a_png.jpg", "a.JPG", "b.png"]
+    for name in names:
+        random_image(rng).save(folder / name, format="PNG" if name.endswith("png") else "JPEG")
+    shard_dataset(sources.list_class_folder(tmp_path / "images"), tmp_path / "out", tokenizer, name="k", split="train",
+                  shard_size=len(names), batch_size=4, progress=False)
+    merge_manifest(tmp_path / "out", "train")
+    report = verify_manifest(tmp_path / "out" / "train" / MANIFEST_NAME)
+    assert report.ok, report.bad_shards
+    assert cli_main(["verify-shards", str(tmp_path / "out")]) == 0
+    keys = [s.key for samples in shard_files(tmp_path / "out" / "train").values() for s in samples]
+    assert len(keys) == len(set(keys)) == len(names)
+
+
+# ----- leftovers of killed atomic writes -----
+
+def test_rerun_removes_what_a_killed_run_left(tmp_path, tokenizer):
+    images = write_images(tmp_path / "images", 3, 4)
+    common = dict(name="t", split="train", shard_size=3, batch_size=4, num_tasks=2, progress=False)
+    source = sources.list_class_folder(images)
+    for task in (0, 1):  # 4 shards: task 0 owns 0 and 2, task 1 owns 1 and 3
+        shard_dataset(source, tmp_path / "out", tokenizer, task_id=task, **common)
+    split = tmp_path / "out" / "train"
+    records = split / RECORDS_DIR
+    reference = merge_manifest(tmp_path / "out", "train").read_text()
+    (split / MANIFEST_NAME).unlink()
+
+    def leave(path: Path, content: bytes = b"half written") -> Path:
+        """What SIGKILL inside mvar_dist.atomic's write of ``path`` leaves behind."""
+        tmp = temporary_sibling(path)
+        tmp.write_bytes(content)
+        return tmp
+
+    (records / "t-train-000002.tar.json").unlink()  # killed while writing shard 2's record
+    task0 = [leave(records / "t-train-000002.tar.json"), leave(split / "t-train-000002.tar"),
+             leave(records / "t-train-000000.tar.json")]
+    task1 = [leave(records / "t-train-000001.tar.json"), leave(split / "t-train-000003.tar")]
+    (records / "t-train-000001.tar.json.tmp").write_bytes(b"{")  # an earlier version's naming
+    task1.append(records / "t-train-000001.tar.json.tmp")
+    others = [leave(split / MANIFEST_NAME), leave(records / "prep.json")]
+    unrelated = [split / ".notes.txt.abc123.tmp", split / "keep.txt"]
+    for path in unrelated:
+        path.write_text("not prep's")
+
+    summary = shard_dataset(source, tmp_path / "out", tokenizer, task_id=0, **common)
+    assert summary.shards_written == ["t-train-000002.tar"]
+    assert not any(p.exists() for p in task0), "task 0 must clean the leftovers of the shards it owns"
+    assert all(p.exists() for p in task1 + others), "task 0 must not touch what other tasks own"
+
+    merged = merge_manifest(tmp_path / "out", "train")
+    assert merged.read_text() == reference
+    assert not any(p.exists() for p in task1 + others)
+    assert all(p.exists() for p in unrelated)
+    assert leftovers(tmp_path / "out") == ["train/.notes.txt.abc123.tmp"]
+
+
+# ----- train and validation class lists -----
+
+def manifest_with_classes(location: str, classes: list[str]) -> Manifest:
+    return Manifest(location, {"classes": classes, "num_classes": len(classes)}, ())
+
+
+def test_same_classes_pass():
+    from mvar_dist.shards.manifest import check_same_classes
+
+    assert check_same_classes(manifest_with_classes("t.json", ["a", "b"]), manifest_with_classes("v.json", ["a", "b"])) is None
+
+
+def test_class_lists_that_differ_are_refused_naming_the_first_difference():
+    from mvar_dist.shards.manifest import check_same_classes
+
+    train = manifest_with_classes("/codes/train/manifest.json", ["n01", "n02", "n03", "n04"])
+    shifted = manifest_with_classes("/codes/val/manifest.json", ["n01", "n03", "n04", "n05"])
+    with pytest.raises(ValueError) as caught:
+        check_same_classes(train, shifted)
+    message = str(caught.value)
+    assert "/codes/train/manifest.json" in message and "/codes/val/manifest.json" in message
+    assert "index 1" in message and "'n02'" in message and "'n03'" in message
+    assert "--classes-from" in message
+
+
+def test_class_lists_of_different_length_are_refused():
+    from mvar_dist.shards.manifest import check_same_classes
+
+    train = manifest_with_classes("train.json", ["n01", "n02", "n03"])
+    short = manifest_with_classes("val.json", ["n01", "n02"])
+    for a, b in ((train, short), (short, train)):
+        with pytest.raises(ValueError) as caught:
+            check_same_classes(a, b)
+        message = str(caught.value)
+        assert "3 classes" in message and "2 classes" in message and "'n03'" in message and "index 2" in message
+
+
+# ----- extreme images -----
+
+def test_preprocess_refuses_extreme_aspect_ratios():
+    for size in ((1, 100000), (100000, 1), (3, 1000)):
+        with pytest.raises(ValueError, match="aspect ratio"):
+            preprocess.center_crop_resize(Image.new("RGB", size), 4)
+    preprocess.center_crop_resize(Image.new("RGB", (40, 4)), 4)  # 10:1 is an image, not a hazard
+
+
+def test_load_image_refuses_extreme_image_before_decoding(tmp_path):
+    path = tmp_path / "line.png"
+    Image.new("RGB", (100000, 1), (10, 20, 30)).save(path)
+    with pytest.raises(ValueError, match=r"aspect ratio.*100000x1"):
+        preprocess.load_image(str(path), 8)  # no 256: before the fix that allocates 256 x 25.6M pixels
+
+
+def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
+    edges = [0, 1, 128, 129, 257, 300, 30000, 65278, 65535]
+    values = np.array(edges + list(np.linspace(400, 65000, 64 - len(edges)).astype(int)), dtype=np.uint16).reshape(8, 8)
+    expected = ((values.astype(np.int64) + 128) // 257).astype(np.uint8)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)  # mode I;16: a 16-bit grayscale PNG
+    assert Image.open(path).mode.startswith("I;16")
+    array, size = preprocess.load_image(str(path), 8)
+    assert size == (8, 8)
+    np.testing.assert_array_equal(array, np.repeat(expected[:, :, None], 3, axis=2))
+    as_int = Image.fromarray(values.astype(np.int32))  # mode I, as older Pillow reads 16-bit PNGs
+    np.testing.assert_array_equal(preprocess.center_crop_resize(as_int, 8), np.repeat(expected[:, :, None], 3, axis=2))
+
+
+def test_prep_skips_extreme_images_and_converts_16_bit_ones(tmp_path, tokenizer):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "images" / "c0"
+    folder.mkdir(parents=True)
+    random_image(rng).save(folder / "normal.png")
+    Image.new("RGB", (100000, 1), (200, 10, 10)).save(folder / "wide.png")
+    Image.new("RGB", (1, 100000), (10, 200, 10)).save(folder / "tall.png")
+    deep = (rng.integers(0, 2, (8, 8)) * 60000 + 300).astype(np.uint16)
+    Image.fromarray(deep).save(folder / "deep16.png")
+    Image.fromarray(((deep.astype(np.int64) + 128) // 257).astype(np.uint8)).convert("RGB").save(folder / "deep8.png")
+    shard_dataset(sources.list_class_folder(tmp_path / "images"), tmp_path / "out", tokenizer, name="x", split="train",
+                  shard_size=10, batch_size=4, progress=False)
+    manifest = json.loads(merge_manifest(tmp_path / "out", "train").read_text())
+    skipped = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+    assert sorted(skipped) == ["c0/tall.png", "c0/wide.png"]
+    assert all("aspect ratio" in reason for reason in skipped.values())
+    samples = {s.key: s for samples in shard_files(tmp_path / "out" / "train").values() for s in samples}
+    assert sorted(samples) == ["c0/deep16", "c0/deep8", "c0/normal"]
+    assert samples["c0/deep16"].fields[CODES_FIELD] == samples["c0/deep8"].fields[CODES_FIELD]
+
+
+# ----- loading: transient read errors, unreadable windows -----
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer: MultiScaleVQVAE) -> Path:
+    base = tmp_path_factory.mktemp("codes")
+    source = sources.list_class_folder(write_images(base / "images", NUM_CLASSES, PER_CLASS))
+    shard_dataset(source, base / "out", tokenizer, name="t", split="train", shard_size=SHARD_SIZE, batch_size=64, progress=False)
+    merge_manifest(base / "out", "train")
+    return base / "out" / "train"
+
+
+@pytest.fixture(scope="module")
+def samples(split_dir: Path) -> dict[bytes, tuple[str, int, int]]:
+    """Codes of each view (bytes of the int64 row) -> (key, label, view)."""
+    table = {}
+    for shard_samples in shard_files(split_dir).values():
+        for sample in shard_samples:
+            codes = decode_codes(sample.fields[CODES_FIELD], 30, 64).astype(np.int64)
+            for view in (0, 1):
+                table.setdefault(codes[view].tobytes(), (sample.key, int(sample.fields["cls"]), view))
+    return table
+
+
+def config(**overrides) -> DataConfig:
+    return DataConfig(**({"num_workers": 0, "shuffle_window": 8, "seed": 3} | overrides))
+
+
+FLAKY_SCRIPT = """#!/bin/sh
+# flaky.sh DIR FILE: fail (exit 1, no output) as often as DIR/<file name>.fails says, then cat FILE
+name=$(basename "$2")
+count=$(cat "$1/$name.count" 2>/dev/null || echo 0)
+echo $((count + 1)) > "$1/$name.count"
+fails=$(cat "$1/$name.fails" 2>/dev/null || echo 0)
+if [ "$count" -lt "$fails" ]; then exit 1; fi
+exec cat "$2"
+"""
+
+
+def flaky_manifest(split_dir: Path, tmp_path: Path, fails: dict[str, int]) -> tuple[Manifest, Path]:
+    """The split read through a pipe that fails the first ``fails[shard]`` opens of each shard."""
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    (tmp_path / "flaky.sh").write_text(FLAKY_SCRIPT)
+    for name, number in fails.items():
+        (counts / f"{name}.fails").write_text(str(number))
+    template = f"pipe:sh {tmp_path / 'flaky.sh'} {counts} {split_dir}/{{name}}"
+    return load_manifest(split_dir, shard_url_template=template), counts
+
+
+def test_transient_open_errors_are_retried(split_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(reader_module, "READ_RETRY_DELAYS_S", (0.0, 0.0, 0.0), raising=False)
+    names = [f"t-train-{i:06d}.tar" for i in range(7)]
+    flaky, counts = flaky_manifest(split_dir, tmp_path, {name: 2 for name in names})
+    healthy = TrainLoader(load_manifest(split_dir), config(), 0, 1, batch_size=4)
+    loader = TrainLoader(flaky, config(), 0, 1, batch_size=4)
+    for (a, la), (b, lb) in zip(islice(iter(healthy), 12), islice(iter(loader), 12)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    assert loader.num_skipped == 0
+    assert all(int((counts / f"{name}.count").read_text()) >= 3 for name in names)
+
+
+def test_shard_that_keeps_failing_is_declared_bad_after_the_retries(split_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(reader_module, "READ_RETRY_DELAYS_S", (0.0, 0.0, 0.0), raising=False)
+    flaky, counts = flaky_manifest(split_dir, tmp_path, {"t-train-000002.tar": 1000})
+    val = ValLoader(flaky, config(shuffle_window=64, max_bad_fraction=0.5), 0, 1, batch_size=16)  # one window: shards read once
+    assert sum(int(mask.sum()) for _, _, mask in val) == 48 - SHARD_SIZE and val.num_skipped == SHARD_SIZE
+    assert int((counts / "t-train-000002.tar.count").read_text()) == 4  # the first try and 3 retries
+    with pytest.raises(BadDataError, match=r"t-train-000002.tar.*4 tries"):
+        list(ValLoader(flaky, config(shuffle_window=64, bad_data="fail"), 0, 1, batch_size=16))
+
+
+BAD_SHARD_RANK = 2  # batch 2, window 4: a whole window falls inside any corrupt 7-sample shard
+
+
+def corrupt_split(split_dir: Path, target: Path, shard: int) -> None:
+    shutil.copytree(split_dir, target)
+    path = target / f"t-train-{shard:06d}.tar"
+    path.write_bytes(bytes(range(256)) * (path.stat().st_size // 256))  # not a tar at all
+
+
+def all_bad_windows(loader: TrainLoader, shard: int) -> list[int]:
+    """Window numbers of the loader's first epoch that hold only samples of ``shard``."""
+    plan = loader.plan
+    return [n for n in range(plan.windows_per_epoch) if {c.shard for c in plan.window(n).chunks} == {shard}]
+
+
+def test_unreadable_training_window_is_replaced_and_counted(split_dir, samples, tmp_path):
+    corrupt_split(split_dir, tmp_path / "train", 3)
+    manifest = load_manifest(tmp_path / "train")
+    bad_keys = {s.key for s in shard_files(split_dir)["t-train-000003.tar"]}
+    loaders = [TrainLoader(manifest, config(shuffle_window=4, max_bad_fraction=0.5, num_workers=w), rank, 2, batch_size=2)
+               for rank, w in ((0, 0), (1, 2))]
+    assert any(all_bad_windows(loader, 3) for loader in loaders), "the test needs a window inside shard 3"
+    for loader in loaders:
+        stream = iter(loader)
+        for epoch in (1, 2):
+            batches = list(islice(stream, loader.batches_per_epoch))
+            assert len(batches) == loader.batches_per_epoch == 12  # every rank: the same number of batches
+            assert (loader.epoch, loader.position) == (epoch, 0)
+            for codes, labels in batches:
+                assert codes.shape == (2, 30)
+                rows = [samples[row.numpy().tobytes()] for row in codes]  # every row is a real sample
+                assert [label for _, label, _ in rows] == labels.tolist()
+                assert not {key for key, _, _ in rows} & bad_keys
+    assert sum(loader.num_skipped for loader in loaders) == 2 * SHARD_SIZE  # the shard's samples, each epoch
+
+
+def test_unreadable_training_window_counts_against_max_bad_fraction(split_dir, tmp_path):
+    corrupt_split(split_dir, tmp_path / "train", 3)
+    manifest = load_manifest(tmp_path / "train")
+    loaders = [TrainLoader(manifest, config(shuffle_window=4), rank, 2, batch_size=2) for rank in range(2)]
+    rank = next(i for i, loader in enumerate(loaders) if all_bad_windows(loader, 3))
+    with pytest.raises(BadDataError, match="max_bad_fraction"):
+        list(islice(iter(loaders[rank]), loaders[rank].batches_per_epoch))
+
+
+def test_resume_inside_an_unreadable_window_is_exact(split_dir, tmp_path):
+    corrupt_split(split_dir, tmp_path / "train", 3)
+    manifest = load_manifest(tmp_path / "train")
+    settings = config(shuffle_window=4, max_bad_fraction=0.5)
+    loaders = [TrainLoader(manifest, settings, rank, 2, batch_size=2) for rank in range(2)]
+    rank = next(i for i, loader in enumerate(loaders) if all_bad_windows(loader, 3))
+    window = all_bad_windows(loaders[rank], 3)[0]
+    stop = 2 * window + 1  # the first of the window's two batches: resume mid-window
+    reference = list(islice(iter(TrainLoader(manifest, settings, rank, 2, batch_size=2)), stop + 8))
+    first = TrainLoader(manifest, settings, rank, 2, batch_size=2)
+    consumed = list(islice(iter(first), stop))
+    resumed = TrainLoader(manifest, config(shuffle_window=4, max_bad_fraction=0.5, num_workers=2), rank, 2, batch_size=2)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    continued = list(islice(iter(resumed), 8))
+    assert len(consumed + continued) == len(reference)
+    for (a, la), (b, lb) in zip(reference, consumed + continued):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+# ----- prep stopped by SLURM -----
+
+def test_prep_stops_on_sigterm_leaving_consistent_output_and_rerun_completes(tmp_path, tokenizer):
+    images = write_images(tmp_path / "images", 3, 8, seed=5)
+    checkpoint = tmp_path / "tok.pth"
+    torch.save(tokenizer.state_dict(), checkpoint)
+    shard_size = 4
+    # shard 1's first image is a FIFO: prep blocks there until the test feeds it, so the signal
+    # deterministically arrives while shard 0 is complete and shard 1 is in progress
+    fifo_path = images / sources.list_class_folder(images).records[shard_size].relative_path
+    content = fifo_path.read_bytes()
+    fifo_path.unlink()
+    os.mkfifo(fifo_path)
+
+    def prep_argv(source: Path, out: Path) -> list[str]:
+        return ["prep", str(source), "--out", str(out), "--split", "train", "--name", "s", "--tokenizer", str(checkpoint),
+                "--shard-size", str(shard_size), "--batch-size", "2", "--decode-threads", "2", *TOKENIZER_FLAGS]
+
+    out = tmp_path / "out"
+    log = tmp_path / "prep.log"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "mvar_dist", *prep_argv(images, out)], cwd=REPO,
+                                stdout=stderr, stderr=subprocess.STDOUT)
+    try:
+        first_record = out / "train" / RECORDS_DIR / "s-train-000000.tar.json"
+        deadline = time.monotonic() + 120
+        while not first_record.exists():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "prep wrote no shard"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        while proc.poll() is None:  # feed the FIFO once prep's decoder opens it
+            try:
+                fd = os.open(fifo_path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.02)
+                continue
+            os.write(fd, content)
+            os.close(fd)
+            break
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    from mvar_dist.data_prep.pipeline import EXIT_STOPPED
+
+    text = log.read_text()
+    assert code == EXIT_STOPPED, text
+    assert "SIGTERM" in text and "rerun" in text
+    split = out / "train"
+    tars = sorted(p.name for p in split.glob("*.tar"))
+    records = sorted(p.name[: -len(".json")] for p in (split / RECORDS_DIR).glob("*.tar.json"))
+    assert tars == records and "s-train-000000.tar" in tars and len(tars) < 6
+    assert leftovers(out) == [] and not (split / MANIFEST_NAME).exists()
+
+    fifo_path.unlink()
+    fifo_path.write_bytes(content)
+    assert cli_main(prep_argv(images, out)) == 0
+    assert cli_main(prep_argv(images, tmp_path / "reference")) == 0
+    reference = tmp_path / "reference" / "train"
+    assert (split / MANIFEST_NAME).read_text() == (reference / MANIFEST_NAME).read_text()
+    for shard in sorted(reference.glob("*.tar")):
+        assert (split / shard.name).read_bytes() == shard.read_bytes()
+    assert leftovers(out) == []
+
+
+def test_stop_signals_are_caught_only_while_prep_runs_and_only_where_unclaimed():
+    from mvar_dist.data_prep.pipeline import stop_on_signals
+
+    def claimed(number, frame):  # e.g. submitit's handler: prep must leave it alone
+        raise AssertionError("not to be called")
+
+    before = signal.signal(signal.SIGTERM, claimed)
+    try:
+        with stop_on_signals() as stop:
+            assert not stop()
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop() and stop.signal_name == "SIGUSR2"
+            assert signal.getsignal(signal.SIGTERM) is claimed
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_stopped_prep_drops_the_shard_in_progress_and_a_rerun_completes_it(tmp_path, tokenizer):
+    source = sources.list_class_folder(write_images(tmp_path / "images", 3, 4))
+    common = dict(name="t", split="train", shard_size=3, batch_size=2, progress=False)
+    polls = []
+
+    def stop() -> bool:  # polled before each shard and batch: true once shard 1 has one of its two batches
+        polls.append(1)
+        return len(polls) > 5
+
+    summary = shard_dataset(source, tmp_path / "out", tokenizer, stop=stop, **common)
+    split = tmp_path / "out" / "train"
+    assert summary.stopped and summary.shards_written == ["t-train-000000.tar"] and len(polls) == 6
+    assert sorted(p.name for p in split.glob("*.tar")) == ["t-train-000000.tar"]
+    assert sorted(p.name for p in (split / RECORDS_DIR).iterdir()) == ["prep.json", "t-train-000000.tar.json"]
+    assert leftovers(tmp_path / "out") == []
+    rerun = shard_dataset(source, tmp_path / "out", tokenizer, **common)
+    assert not rerun.stopped and rerun.shards_skipped == ["t-train-000000.tar"] and len(rerun.shards_written) == 3
+    shard_dataset(source, tmp_path / "reference", tokenizer, **common)
+    reference = merge_manifest(tmp_path / "reference", "train").read_text()
+    assert merge_manifest(tmp_path / "out", "train").read_text() == reference
+
+
+def fake_slurm(tmp_path: Path, srun_status: int) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" > "{tmp_path}/srun_args"\nexit {srun_status}\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/scontrol_calls"\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "3",
+            "SLURM_ARRAY_TASK_COUNT": "8", "SLURM_JOB_ID": "4242"}
+
+
+@pytest.mark.parametrize("srun_status, restarts, expected_code, requeued", [
+    ("stopped", "0", 0, True), ("stopped", "10", "stopped", False), (0, "0", 0, False), (1, "0", 1, False),
+])
+def test_prep_array_script_requeues_a_stopped_task(tmp_path, srun_status, restarts, expected_code, requeued):
+    from mvar_dist.data_prep.pipeline import EXIT_STOPPED
+
+    status = EXIT_STOPPED if srun_status == "stopped" else srun_status
+    env = fake_slurm(tmp_path, status) | {"SLURM_RESTART_COUNT": restarts}
+    script = REPO / "slurm" / "prep_array.sbatch"
+    result = subprocess.run(["bash", str(script), "SOURCE", "--out", "OUT", "--split", "train"], env=env,
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == (EXIT_STOPPED if expected_code == "stopped" else expected_code), result.stderr
+    assert "--task-id 3 --num-tasks 8 --no-merge" in (tmp_path / "srun_args").read_text()
+    calls = (tmp_path / "scontrol_calls").read_text().split("\n") if (tmp_path / "scontrol_calls").exists() else []
+    assert ("requeue 4242" in calls) == requeued, calls
+    if srun_status == "stopped" and not requeued:
+        assert "not requeueing" in result.stderr
