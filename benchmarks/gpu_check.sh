@@ -1,32 +1,39 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the fused neighbourhood-attention kernel (about 5 minutes on an
-# H100/H200; every stage has its own timeout so the whole script stays under 8 minutes).
-#   1. install the package (no deps: the machine's CUDA torch and triton are used as they are),
-#      pytest, and NATTEN if a binary wheel exists (optional: its tests skip otherwise);
-#   2. correctness on the GPU: Triton vs the torch path (fp16/bf16/fp32) and vs natten na2d
-#      (fp16/bf16, tolerance 2e-2, dq/dk/dv incl. dv on 13x13), determinism at B=64 heads=16;
-#   3. the benchmark (B=64 heads=16 16x16/13x13/32x32 d64 bf16) with a Triton tile sweep.
-# Usage: bash benchmarks/gpu_check.sh            (prints everything; exit 1 if a test failed)
+# Every GPU measurement in one go, in under 8 minutes (each stage has its own timeout; the
+# script goes on past a failed stage): the Triton neighbourhood-attention kernel's correctness
+# (vs the torch path and, if installed, NATTEN) and speed (B64 h16 16x16 d64 bf16, vs masked SDPA
+# and NATTEN), a d16 batch-32 bf16 training step (VAR vs MVAR-all vs MVAR-paper) and d16 batch-32
+# sampling (VAR with its KV cache vs MVAR). Writes $GPU_REPORT_DIR/report.json and report.md
+# (default gpu_report/), plus each stage's log.
+# Usage: bash benchmarks/gpu_check.sh            (exit 1 without a CUDA device or if the kernel tests failed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT=${GPU_REPORT_DIR:-gpu_report}
+mkdir -p "$OUT"
+: > "$OUT/stages.txt"
 
-echo "== environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
+stage() {  # stage NAME SECONDS COMMAND...: run it with a time limit, log it, record the outcome
+  local name=$1 limit=$2 start code
+  shift 2
+  start=$(date +%s)
+  echo "== $name (at most ${limit} s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  code=$?
+  echo "$name $code $(( $(date +%s) - start ))" >> "$OUT/stages.txt"
+  tail -n 5 "$OUT/$name.log"
+}
 
-echo "== install"
-python -c "import mvar_dist" 2>/dev/null || timeout 120 pip install -q --no-build-isolation --no-deps -e . || exit 1
-python -c "import pytest" 2>/dev/null || timeout 60 pip install -q pytest || exit 1
-# natten ships CUDA builds per torch version; never build it from source here (tens of minutes).
-python -c "import natten" 2>/dev/null || timeout 120 pip install -q --no-deps --only-binary=:all: natten \
-    || echo "natten: no binary wheel for this torch/CUDA; natten comparisons will be skipped"
-python -c "import natten; print('natten', natten.__version__)" 2>/dev/null || true
-
-echo "== correctness on the GPU"
-timeout 240 python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_triton_kernel.py
-tests_status=$?
-
-echo "== benchmark"
-timeout 240 python benchmarks/neighborhood_attention.py --sweep --grids 16 13 32
-echo "== done (tests exit status ${tests_status})"
-exit $(( tests_status != 0 ))
+stage environment 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+  python -c \"import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); assert torch.cuda.is_available()\""
+# no deps: the machine's CUDA torch and triton are used as they are; natten only as a binary wheel
+# (building it takes tens of minutes), its comparisons are skipped without one
+stage install 90 bash -c "python -c 'import mvar_dist' 2>/dev/null || pip install -q --no-build-isolation --no-deps -e .; \
+  python -c 'import pytest' 2>/dev/null || pip install -q pytest pytest-timeout; \
+  python -c 'import natten' 2>/dev/null || pip install -q --no-deps --only-binary=:all: natten || echo 'natten: no binary wheel'"
+stage kernel_tests 120 python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_triton_kernel.py
+stage kernel_speed 60 python benchmarks/neighborhood_attention.py --grids 16 --skip-memory --json "$OUT/kernel.json"
+stage train_step 120 python benchmarks/train_step.py --depth 16 --batch 32 --precision bf16 \
+  --variants var,mvar-all,mvar-paper --json "$OUT/train_step.json"
+stage sampling 60 python benchmarks/sampling.py --depth 16 --batch 32 --json "$OUT/sampling.json"
+python benchmarks/gpu_report.py "$OUT"
+grep -q "^environment 0 " "$OUT/stages.txt" && grep -q "^kernel_tests 0 " "$OUT/stages.txt"

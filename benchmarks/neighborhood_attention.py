@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import resource
 import subprocess
 import sys
@@ -110,8 +111,8 @@ def time_method(attend: Attention, q, k, v, min_run_time: float) -> tuple[float,
         return fwd, None, f"no backward: {str(error)[:60]}"
 
 
-def speed_lines(args, side: int, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Markdown table of every method on one side x side grid."""
+def speed_lines(args, side: int, device: torch.device, dtype: torch.dtype, record: dict | None = None) -> list[str]:
+    """Markdown table of every method on one side x side grid (rows also into ``record``)."""
     grid = (side, side)
     shape = (args.batch, args.heads, side * side, args.head_dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
@@ -125,6 +126,8 @@ def speed_lines(args, side: int, device: torch.device, dtype: torch.dtype) -> li
             rows.append((name, *time_method(attend, q, k, v, args.min_run_time)))
         except Exception as error:  # a method that cannot run here is reported, not fatal
             rows.append((name, None, None, f"failed: {type(error).__name__}: {str(error)[:80]}"))
+    if record is not None:
+        record[f"{side}x{side}"] = [{"method": n, "fwd_ms": f, "fwd_bwd_ms": fb, "note": note} for n, f, fb, note in rows]
     reference = next(r for r in rows if r[1] is not None and r[2] is not None)
     lines = [f"### {side}x{side} grid ({side * side} tokens); ratio = method time / {reference[0]} time",
              "", "| method | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | fwd ratio | fwd+bwd ratio | note |",
@@ -237,6 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="also time several Triton tile sizes (GPU)")
     parser.add_argument("--sweep-grids", type=int, nargs="+", default=[16])
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", help="also write the speed rows to this file")
     parser.add_argument("--measure-rss", nargs=2, metavar=("METHOD", "SIDE"), help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)[0]
 
@@ -254,8 +258,13 @@ def main(argv: list[str] | None = None) -> None:
               "skipped (run on a GPU for the real comparison).**\n", flush=True)
     print(f"## Speed: B={args.batch} heads={args.heads} head_dim={args.head_dim} {dtype} "
           f"k={args.kernel_size} on {device_name(device)}\n", flush=True)
+    record: dict = {"device": device_name(device), "dtype": str(dtype), "batch": args.batch, "heads": args.heads,
+                    "head_dim": args.head_dim, "kernel_size": args.kernel_size, "speed": {}}
     for side in args.grids:  # printed grid by grid so partial results survive a timeout
-        print("\n".join(speed_lines(args, side, device, dtype)), flush=True)
+        print("\n".join(speed_lines(args, side, device, dtype, record["speed"])), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(record, f, indent=1)
     if not args.skip_memory:
         print("\n".join(memory_table(args, device, dtype)), flush=True)
     if args.sweep and device.type == "cuda":

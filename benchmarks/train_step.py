@@ -1,7 +1,10 @@
-"""Training-step cost of VAR vs MVAR ``schedule: all`` vs MVAR ``schedule: paper``, side by side.
+"""Training-step cost of VAR vs MVAR ``schedule: all`` vs MVAR ``schedule: paper``, side by side,
+and what activation checkpointing (``+ckpt``: every block recomputed) and ``torch.compile``
+(``+compile``: the blocks compiled) buy.
 
-Same model size, same global batch, the real DeepSpeed engine and ``mvar_dist.train.train_step``
-(one rank). Each variant runs in its own process so that peak memory is its own. Reported:
+Same model size, same global batch, the real DeepSpeed engine and
+``mvar_dist.training.step.train_step`` (one rank). Each variant runs in its own process so that
+peak memory is its own. Reported:
 
 - time per image with *all scales covered*: VAR and ``all`` cover every scale of every image in
   one optimizer step; the paper rotation trains one scale group per step, so covering all scales
@@ -13,6 +16,7 @@ Same model size, same global batch, the real DeepSpeed engine and ``mvar_dist.tr
 
     python benchmarks/train_step.py                      # CPU defaults: depth 2, width 128, 256px layout
     python benchmarks/train_step.py --depth 16 --batch 32 --precision bf16    # on a GPU
+    python benchmarks/train_step.py --variants mvar-all,mvar-all+ckpt --depth 2 --width 1024 --batch 4
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {"var": ("var", "all"), "mvar-all": ("mvar", "all"), "mvar-paper": ("mvar", "paper")}
+# name -> (mode, schedule, recompute every n-th block (0: none), torch.compile the blocks)
+VARIANTS = {
+    "var": ("var", "all", 0, False), "mvar-all": ("mvar", "all", 0, False), "mvar-paper": ("mvar", "paper", 0, False),
+    "var+ckpt": ("var", "all", 1, False), "mvar-all+ckpt": ("mvar", "all", 1, False),
+    "mvar-all+compile": ("mvar", "all", 0, True),
+}
+DEFAULT_VARIANTS = "var,mvar-all,mvar-paper,var+ckpt,mvar-all+ckpt,mvar-all+compile"
 
 
 def build_config(args: argparse.Namespace, mode: str, schedule: str):
@@ -63,10 +73,13 @@ def measure(args: argparse.Namespace) -> dict:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", init_method="env://")
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    mode, schedule = VARIANTS[args.variant]
+    mode, schedule, recompute_every, compiled = VARIANTS[args.variant]
     config = build_config(args, mode, schedule)
     torch.manual_seed(0)
     model = MVAR(config.model)
+    model.set_activation_checkpointing(recompute_every)
+    if compiled:
+        model.compile_blocks()
     engine = build_engine(model, config, world_size=1)
     # only the quantiser (codebook, phi convs) computes the teacher input; a small encoder/decoder
     tokenizer = MultiScaleVQVAE(vocab_size=4096, z_channels=32, ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1).to(device)
@@ -92,7 +105,8 @@ def measure(args: argparse.Namespace) -> dict:
 
     refine_steps = model.layout.num_scales - config.model.refine_step
     cycle = list(range(1, 9)) + [9 + i for i in range(refine_steps)] if schedule == "paper" else [1]
-    one_step(cycle[0])  # warm-up: allocator, DeepSpeed buffers
+    for step in (cycle[0], *cycle[8:]) if schedule == "paper" else (cycle[0],):
+        one_step(step)  # warm-up: allocator, DeepSpeed buffers, and compilation of every group's shapes
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _current_rss_mb()
@@ -132,6 +146,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {', '.join(VARIANTS)}")
+    parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--variant", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=29555, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,22 +157,31 @@ def main() -> None:
     from mvar_dist.training.distributed import free_port
 
     rows = []
-    for variant in VARIANTS:
+    for variant in args.variants.split(","):
         command = [sys.executable, __file__, "--variant", variant, "--port", str(free_port()),
                    "--depth", str(args.depth), "--width", str(args.width), "--batch", str(args.batch),
                    "--repeats", str(args.repeats), "--precision", args.precision]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
     base = rows[0]
     print(f"train step, 256px layout (680 tokens), depth {args.depth}, width {args.width}, "
           f"batch {args.batch}, {args.precision}, {base['params_m']:.1f}M params, {base['device']}")
-    print(f"{'variant':<11} {'ms/img all scales':>18} {'x VAR':>6} {'mean step s':>12} "
-          f"{'peak MB':>9} {'x VAR':>6} {'tokens/s':>10}")
+    print(f"{'variant':<17} {'ms/img all scales':>18} {'x first':>8} {'mean step s':>12} "
+          f"{'peak MB':>9} {'x first':>8} {'tokens/s':>10}")
     for row in rows:
-        print(f"{row['variant']:<11} {row['time_per_image_all_scales_ms']:>18.1f} "
-              f"{row['time_per_image_all_scales_ms'] / base['time_per_image_all_scales_ms']:>6.2f} "
+        print(f"{row['variant']:<17} {row['time_per_image_all_scales_ms']:>18.1f} "
+              f"{row['time_per_image_all_scales_ms'] / base['time_per_image_all_scales_ms']:>8.2f} "
               f"{row['mean_step_s']:>12.3f} {row['peak_memory_mb']:>9.0f} "
-              f"{row['peak_memory_mb'] / base['peak_memory_mb']:>6.2f} {row['tokens_per_s']:>10.0f}")
+              f"{row['peak_memory_mb'] / base['peak_memory_mb']:>8.2f} {row['tokens_per_s']:>10.0f}")
+    by_name = {row["variant"]: row for row in rows}
+    for plain, other in (("var", "var+ckpt"), ("mvar-all", "mvar-all+ckpt"), ("mvar-all", "mvar-all+compile")):
+        if plain in by_name and other in by_name:
+            a, b = by_name[plain], by_name[other]
+            print(f"{other} vs {plain}: memory x{b['peak_memory_mb'] / a['peak_memory_mb']:.2f}, "
+                  f"step time x{b['time_per_image_all_scales_ms'] / a['time_per_image_all_scales_ms']:.2f}")
 
 
 if __name__ == "__main__":

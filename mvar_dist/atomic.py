@@ -13,12 +13,32 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only be
+    read by setting it, which would race with threads creating files)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temporary_sibling(path: str | Path) -> Path:
-    """A new, empty file beside ``path`` (same file system, so the final rename is atomic)."""
+    """A new, empty file beside ``path`` (same file system, so the final rename is atomic),
+    with the permissions ``open()`` would give it: mkstemp makes private (0600) files, which
+    would hide manifests and checkpoints from the user's group."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(tmp_name)
 
 
@@ -52,6 +72,8 @@ def fsync_path(path: str | Path) -> None:
 def publish(tmp: str | Path, path: str | Path) -> None:
     """Make the finished temporary file ``tmp`` durable and move it to ``path`` in one step;
     the directory is synced too, so the new name survives a crash of the machine."""
+    # a writer that recreates the file (safetensors does) leaves it private: the umask decides
+    os.chmod(tmp, 0o666 & ~current_umask())
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(Path(path).parent)

@@ -29,9 +29,10 @@ LAYERS: dict[str, int] = {
     "mvar_dist.data": 2, "mvar_dist.data_prep": 2, "mvar_dist.tracking": 2, "mvar_dist.sampling": 2,
     "mvar_dist.config": 3,
     "mvar_dist.training": 4,
-    "mvar_dist.launch": 5,
-    "mvar_dist.quickstart": 6,
-    "mvar_dist.commands": 7, "mvar_dist.cli": 8, "mvar_dist.__main__": 9,
+    "mvar_dist.tokenizer_training": 5,
+    "mvar_dist.launch": 6,
+    "mvar_dist.quickstart": 7,
+    "mvar_dist.commands": 8, "mvar_dist.cli": 9, "mvar_dist.__main__": 10,
 }
 # what a user who only samples from an exported model must not have to install
 HEAVY = ("deepspeed", "mlflow", "submitit", "webdataset")

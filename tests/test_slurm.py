@@ -270,6 +270,20 @@ def test_resources_no_node_has_are_refused_before_submitting(capsys, tmp_path, m
 
 
 @needs_cluster
+def test_prep_tasks_no_node_can_run_are_refused_before_submitting(capsys, tmp_path, monkeypatch):
+    import mvar_dist.commands.submit_prep as submit_prep_command
+
+    monkeypatch.setattr(submit_prep_command, "submit_prep", refuse_submission)
+    images, tokenizer = tmp_path / "images", tmp_path / "tokenizer.pth"
+    (images / "c0").mkdir(parents=True)
+    tokenizer.write_bytes(b"")
+    code, _, err = run_cli(capsys, "submit-prep", "--array-tasks", "2", "--cpus-per-task", "4096", "--time", "15", "--",
+                           str(images), "--split", "train", "--out", str(tmp_path / "codes"), "--tokenizer", str(tokenizer))
+    assert code == 2, err
+    assert "the cluster can never run this job" in err
+
+
+@needs_cluster
 def test_resources_a_node_has_pass_the_cluster_check(tmp_path):
     from mvar_dist.launch.submit import prepare
 

@@ -20,6 +20,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  judged accuracy of generated digits: {100 * summary['judged_accuracy']:.1f}% "
         f"({summary['judged_samples']} samples, intended class)",
         f"  judge on real validation digits:     {100 * summary['real_val_accuracy']:.1f}%",
+    ]
+    quality = summary.get("tokenizer_quality")
+    if quality:
+        lines.append(f"  VQVAE tokenizer: judge on its reconstructions {100 * quality['reconstruction_judged_accuracy']:.1f}%, "
+                     f"L1 {quality['reconstruction_l1']:.4f}, {100 * quality['codes_used_fraction']:.0f}% of codes used")
+    lines += [
         f"  sample grid (one row per class): {summary['grid']}",
         f"  exported model:                  {summary['model_dir']}",
         f"  run (checkpoints, config):       {summary['run_dir']}",
@@ -47,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per-class", type=int, default=20, help="samples per class that the judge scores (default 20)")
     parser.add_argument("--grid-per-class", type=int, default=10, help="samples per class shown in the grid (default 10)")
     parser.add_argument("--fresh", action="store_true", help="discard this mode's previous run and train from scratch")
+    parser.add_argument("--tokenizer", choices=("patch", "vqvae"), default="patch",
+                        help="patch: fit the k-means pixel-patch tokenizer (seconds); vqvae: train a multi-scale VQVAE "
+                             "with mvar-dist train-tokenizer on 2 ranks first (about a minute more)")
     parser.add_argument("overrides", nargs="*", help=f"experiment overrides, e.g. optim.lr=1e-3 (experiment {EXPERIMENT!r})")
     return parser
 
@@ -55,6 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     summary = run_quickstart(args.out, args.mode, args.steps, args.seed, args.nproc, args.per_class,
-                             args.grid_per_class, args.fresh, args.overrides)
+                             args.grid_per_class, args.fresh, args.overrides, args.tokenizer)
     print(format_summary(summary))
     return 0

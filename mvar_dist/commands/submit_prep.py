@@ -14,7 +14,7 @@ from typing import Sequence
 from mvar_dist.commands.reporting import reports
 from mvar_dist.config import LaunchError
 from mvar_dist.launch.prep_array import array_scripts, prep_target, resolve, submit_prep
-from mvar_dist.launch.slurm import check_partition
+from mvar_dist.launch.slurm import check_partition, check_resources
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def main(argv: Sequence[str]) -> int:
     parsed = prep_target(prep_argv)
     if launch.cluster == "slurm" and not args.dry_run:
         check_partition(launch.partition)
+        check_resources(launch)  # a task no node can run would pend forever
     out_dir = Path(parsed.out).absolute()
     run_dir = out_dir / parsed.split
     if args.dry_run:

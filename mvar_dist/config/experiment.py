@@ -66,6 +66,8 @@ class ExperimentConfig:
 RESUMABLE_CHANGES: tuple[str, ...] = (
     "run.dir", "train.total_steps", "train.log_every", "train.max_consecutive_nonfinite", "train.init_from",
     "train.val_every_steps", "train.val_max_batches",
+    # how the same math is computed: activations recomputed or not, blocks compiled or not
+    "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile",
     "checkpoint", "tracking", "sample", "debug", "launch", "data.num_workers", "data.prefetch_windows",
     "data.train_manifest", "data.val_manifest", "data.shard_url_template", "tokenizer.checkpoint",
     "data.bad_data", "data.max_bad_fraction",

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
-import tomllib
 import yaml
 
 

@@ -36,6 +36,15 @@ class TrainConfig:
     log_every: int = 1  # metrics to the tracker every N steps
     val_every_steps: int = 0  # validation pass (data.val_manifest) every N steps and at the end; 0: off
     val_max_batches: int = 0  # per-rank batches of each validation pass; 0: the whole split
+    # recompute block activations in backward instead of storing them: less memory, more time
+    activation_checkpointing: Literal["none", "blocks", "every_n"] = "none"
+    activation_checkpointing_every: int = 2  # every_n: one block in every this many is recomputed
+    compile: bool = False  # torch.compile the transformer blocks (helps on GPUs; see docs/training.md)
+
+    @property
+    def recompute_every(self) -> int:
+        """Recompute one block in every this many (0: none)."""
+        return {"none": 0, "blocks": 1, "every_n": self.activation_checkpointing_every}[self.activation_checkpointing]
 
 
 @dataclass

@@ -45,6 +45,8 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
             "train.schedule='paper' rotates scale groups, which only mode='mvar' allows; "
             "use train.schedule='all' with model.mode='var'"
         )
+    if train.activation_checkpointing_every < 1:
+        raise ConfigError(f"train.activation_checkpointing_every must be >= 1, got {train.activation_checkpointing_every}")
     if not 0.0 <= train.label_smoothing < 1.0:
         raise ConfigError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
     _validate_optim(config.optim, train.total_steps)

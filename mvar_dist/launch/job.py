@@ -32,6 +32,7 @@ from typing import Any
 import submitit
 
 from mvar_dist.config import ExperimentConfig
+from mvar_dist.tokenizer_training.config import TokenizerExperiment
 from mvar_dist.run_dir import RunDir
 from mvar_dist.tracking.run_record import read_run_record
 from mvar_dist.training.distributed import RankEnv
@@ -88,7 +89,7 @@ def tag_mlflow_run(run_dir: Path, tags: dict[str, str]) -> None:
         logger.warning("could not tag MLflow run %s: %s", record.run_id, err)
 
 
-def stopped_before_end(config: ExperimentConfig) -> bool:
+def stopped_before_end(config: ExperimentConfig | TokenizerExperiment) -> bool:
     """True when the trainer returned on a stop signal: its last checkpoint is before total_steps."""
     point = RunDir(Path(config.run.dir)).read_latest()
     return point is None or point.step < config.train.total_steps
@@ -98,12 +99,13 @@ def stopped_before_end(config: ExperimentConfig) -> bool:
 class TrainingJob(submitit.helpers.Checkpointable):
     """Every task of the job runs this: the trainer, in-process, on its rank."""
 
-    config: ExperimentConfig
+    config: ExperimentConfig | TokenizerExperiment
     cluster: str = "slurm"
     max_requeues: int = 10
     requeues: int = 0  # how many times this job has requeued itself so far
 
     def __call__(self) -> dict[str, Any]:
+        from mvar_dist.tokenizer_training.trainer import TokenizerTrainer
         from mvar_dist.training.trainer import Trainer
 
         # the task's stderr is its log file; submitit configures only its own logger
@@ -113,7 +115,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         logger.info("rank %d of %s, rendezvous %s:%s, requeued %d times so far", rank, rendezvous["WORLD_SIZE"],
                     rendezvous["MASTER_ADDR"], rendezvous["MASTER_PORT"], self.requeues)
         requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's; the trainer replaces it
-        code = Trainer(self.config).run()
+        trainer = TokenizerTrainer if isinstance(self.config, TokenizerExperiment) else Trainer
+        code = trainer(self.config).run()
         if code != 0:
             raise RuntimeError(f"training exited with code {code} on rank {rank}; see this task's log")
         run_dir = Path(self.config.run.dir)

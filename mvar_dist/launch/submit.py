@@ -13,32 +13,44 @@ from mvar_dist.config import ConfigError, ExperimentConfig, LaunchConfig, load_c
 from mvar_dist.launch.slurm import check_partition, check_resources, make_executor
 from mvar_dist.launch.status import write_job_record
 from mvar_dist.shards.manifest import load_manifest
+from mvar_dist.tokenizer_training.config import (
+    TokenizerExperiment, is_tokenizer_file, load_tokenizer_experiment, validate_tokenizer_experiment,
+)
 
 
-def resolve_launch(config: ExperimentConfig, changes: Mapping[str, Any]) -> LaunchConfig:
+Experiment = ExperimentConfig | TokenizerExperiment
+
+
+def resolve_launch(config: Experiment, changes: Mapping[str, Any]) -> LaunchConfig:
     """The config's launch section with ``changes`` (LaunchConfig field -> value; None: keep) on top."""
     return dataclasses.replace(config.launch, **{k: v for k, v in changes.items() if v is not None})
 
 
 def prepare(
     config_file: str | Path, overrides: Sequence[str], changes: Mapping[str, Any], dry_run: bool = False,
-) -> tuple[ExperimentConfig, LaunchConfig]:
+) -> tuple[Experiment, LaunchConfig]:
     """Load, merge and check everything; raises ConfigError/LaunchError before any submission.
+    A file with ``kind: tokenizer`` is a tokenizer-training run (``mvar-dist train-tokenizer``).
 
     ``dry_run`` (``--dry-run``: print the script) checks the config and resources only; else the
     manifests must exist and, for ``--cluster slurm``, the partition must be able to run the job.
     """
-    config = load_config(config_file, overrides)
+    tokenizer = is_tokenizer_file(config_file, overrides)
+    config = load_tokenizer_experiment(config_file, overrides) if tokenizer else load_config(config_file, overrides)
     launch = resolve_launch(config, changes)
     validate_launch(launch)
     # the job may start in another directory; the run dir is fixed at submission
     run = dataclasses.replace(config.run, dir=str(Path(config.run.dir).absolute()))
     # the run's saved config records the resources it ran with
     config = dataclasses.replace(config, run=run, launch=launch)
-    validate(config, launch.world_size)
+    if tokenizer:  # its data are image folders or shards, checked by the validation
+        validate_tokenizer_experiment(config, launch.world_size)
+    else:
+        validate(config, launch.world_size)
     if dry_run:
         return config, launch
-    check_manifests(config)
+    if not tokenizer:
+        check_manifests(config)
     if launch.cluster == "slurm":
         check_partition(launch.partition)
         check_resources(launch)  # else a job no node can hold pends forever
@@ -62,7 +74,7 @@ def check_manifests(config: ExperimentConfig) -> None:
             raise ConfigError(f"{name}: {location} is not a readable manifest.json: {err!r}") from None
 
 
-def submit(config: ExperimentConfig, launch: LaunchConfig, argv: Sequence[str]) -> dict[str, Any]:
+def submit(config: Experiment, launch: LaunchConfig, argv: Sequence[str]) -> dict[str, Any]:
     """Submit the training job and write ``<run_dir>/slurm_job.json``; returns that record."""
     from mvar_dist.launch.job import TrainingJob
 

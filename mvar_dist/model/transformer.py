@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from mvar_dist.model.attention import AttentionPlan
 from mvar_dist.model.blocks import AdaLNBeforeHead, AdaLNSelfAttentionBlock, KVCache, drop_ignored_keys
@@ -49,6 +50,7 @@ class MVAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(dim, config.norm_eps)
         self.head = nn.Linear(dim, config.vocab_size)
         self._plans: dict[tuple[int, ...], AttentionPlan] = {}
+        self.checkpoint_every = 0  # activation checkpointing: see set_activation_checkpointing
         self.register_load_state_dict_pre_hook(self._drop_derived_buffers)
         self.init_weights()
 
@@ -187,9 +189,28 @@ class MVAR(nn.Module):
         caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """Run the blocks and head on embedded tokens x (B, n, C) with class embeddings cond (B, C)."""
+        recompute = self.checkpoint_every and self.training and torch.is_grad_enabled() and caches is None
         for i, block in enumerate(self.blocks):
-            x = block(x, cond, plan=plan, cache=None if caches is None else caches[i])
+            if recompute and i % self.checkpoint_every == 0:
+                # keep only the block's input; its activations are recomputed in backward (with the
+                # same RNG draws, so drop-path masks and the gradients are unchanged)
+                x = checkpoint(block, x, cond, plan, use_reentrant=False)
+            else:
+                x = block(x, cond, plan=plan, cache=None if caches is None else caches[i])
         return self.head(self.head_nm(x, cond))
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute one block in every ``every`` during backward instead of storing its
+        activations (1: every block; 0: none). Training only; the math is unchanged."""
+        if every < 0:
+            raise ValueError(f"activation checkpointing interval must be >= 0, got {every}")
+        self.checkpoint_every = every
+
+    def compile_blocks(self, **options: Any) -> None:
+        """``torch.compile`` each block in place (parameter names unchanged, so checkpoints and
+        exports are the same); the scale groups' token counts are the only shapes it sees."""
+        for block in self.blocks:
+            block.compile(**options)
 
     # ----- sampling -----
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mvar_dist.atomic import current_umask
+
 logger = logging.getLogger(__name__)
 
 DIGITS_SIDE = 8
@@ -111,6 +113,7 @@ def write_digits_image_folder(
     data = load_digits_split(val_size=val_size, seed=seed)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; the folder is for the user's group too
     try:
         counts = {}
         for split in SPLITS:

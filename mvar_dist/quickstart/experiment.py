@@ -21,14 +21,24 @@ Mode = Literal["mvar", "var"]
 IMAGE_SIZE = 16  # the patch tokenizer's default: 8x8 grid of 2x2 pixel patches
 VAL_SIZE = 300
 DEFAULT_STEPS = 300
+TOKENIZER_STEPS = 200  # --tokenizer vqvae: optimizer steps of the VQVAE (64 digits each)
 EXPERIMENT = "quickstart"
+TokenizerKind = Literal["patch", "vqvae"]
+VQVAE_Z_CHANNELS = 16
 
 
 @dataclass(frozen=True)
 class QuickstartPaths:
-    """Every file the quickstart writes, under one output directory."""
+    """Every file the quickstart writes, under one output directory. With the trained VQVAE
+    tokenizer (``--tokenizer vqvae``) the tokenizer's, the shards' and the transformer's files
+    carry a ``_vqvae`` suffix, so both chains live side by side in one directory."""
 
     out: Path
+    tokenizer_kind: TokenizerKind = "patch"
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.tokenizer_kind == "patch" else "_vqvae"
 
     @property
     def digits(self) -> Path:
@@ -36,11 +46,22 @@ class QuickstartPaths:
 
     @property
     def tokenizer(self) -> Path:
-        return self.out / "tokenizer.safetensors"
+        if self.tokenizer_kind == "patch":
+            return self.out / "tokenizer.safetensors"
+        return self.out / "tokenizer_vqvae" / "tokenizer.safetensors"
+
+    @property
+    def tokenizer_run(self) -> Path:
+        """The VQVAE's training run (``--tokenizer vqvae``)."""
+        return self.out / "runs" / "tokenizer"
+
+    @property
+    def tokenizer_experiment_file(self) -> Path:
+        return self.out / "tokenizer.yaml"
 
     @property
     def shards(self) -> Path:
-        return self.out / "shards"
+        return self.out / f"shards{self.suffix}"
 
     @property
     def train_manifest(self) -> Path:
@@ -55,16 +76,16 @@ class QuickstartPaths:
         return f"sqlite:///{self.mlflow_db.resolve()}"
 
     def run_dir(self, mode: Mode) -> Path:
-        return self.out / "runs" / mode
+        return self.out / "runs" / f"{mode}{self.suffix}"
 
     def experiment_file(self, mode: Mode) -> Path:
-        return self.out / f"{mode}.yaml"
+        return self.out / f"{mode}{self.suffix}.yaml"
 
     def model_dir(self, mode: Mode) -> Path:
-        return self.out / "model" / mode
+        return self.out / "model" / f"{mode}{self.suffix}"
 
     def grid(self, mode: Mode) -> Path:
-        return self.out / f"samples_{mode}.png"
+        return self.out / f"samples_{mode}{self.suffix}.png"
 
     @property
     def summary(self) -> Path:
@@ -86,10 +107,10 @@ def experiment(paths: QuickstartPaths, mode: Mode = "mvar", steps: int = DEFAULT
         "run": {"dir": where(paths.run_dir(mode)), "seed": seed},
         "model": {
             "mode": mode, "depth": 4, "embed_dim": 128, "num_heads": 4, "num_classes": 10,
-            "vocab_size": 256, "z_channels": 12, "patch_nums": [1, 2, 3, 4, 5, 6, 8],
-            "refine_step": 6, "kernel_size": 5, "attention_backend": "torch",
+            "vocab_size": 256, "z_channels": 12 if paths.tokenizer_kind == "patch" else VQVAE_Z_CHANNELS,
+            "patch_nums": [1, 2, 3, 4, 5, 6, 8], "refine_step": 6, "kernel_size": 5, "attention_backend": "torch",
         },
-        "tokenizer": {"kind": "patch", "checkpoint": where(paths.tokenizer)},
+        "tokenizer": {"kind": paths.tokenizer_kind, "checkpoint": where(paths.tokenizer)},
         # mirrored digits are not digits; one worker: the 2 cores are busy with the 2 ranks
         "data": {"train_manifest": where(paths.train_manifest), "num_workers": 0, "hflip": False,
                  "shuffle_window": 512, "seed": seed},
@@ -102,4 +123,26 @@ def experiment(paths: QuickstartPaths, mode: Mode = "mvar", steps: int = DEFAULT
         "checkpoint": {"every_steps": max(steps, 1), "keep_last": 1},
         "tracking": {"uri": f"sqlite:///{where(paths.mlflow_db)}", "experiment": EXPERIMENT},
         "sample": {"cfg": 1.0, "top_k": 0, "top_p": 0.95},
+    }
+
+
+def tokenizer_experiment(paths: QuickstartPaths, steps: int = TOKENIZER_STEPS, seed: int = 0) -> dict[str, Any]:
+    """The ``mvar-dist train-tokenizer`` experiment of ``--tokenizer vqvae``: a small multi-scale
+    VQVAE (8x8 latents of 16 channels, 256 codes, the patch tokenizer's 7 scales) trained on the
+    training digits with L1 + L2 + VQ losses and dead-code restarts; validated on the val digits."""
+    return {
+        "kind": "tokenizer",
+        "run": {"dir": str(paths.tokenizer_run.resolve()), "seed": seed},
+        "tokenizer": {"vocab_size": 256, "z_channels": VQVAE_Z_CHANNELS, "ch": 32, "ch_mult": [1, 2],
+                      "num_res_blocks": 1, "patch_nums": [1, 2, 3, 4, 5, 6, 8]},
+        "data": {"train": str((paths.digits / "train").resolve()), "val": str((paths.digits / "val").resolve()),
+                 "image_size": IMAGE_SIZE, "resize_ratio": 1.0, "crop": "center", "hflip": False, "num_workers": 0,
+                 "seed": seed},
+        "loss": {"l1": 1.0, "l2": 1.0, "vq": 1.0},
+        "codebook": {"restart_dead_every": 20},
+        "train": {"total_steps": steps, "global_batch_size": 64, "micro_batch_size": 32, "val_every_steps": 50},
+        "optim": {"lr": 2.0e-3, "warmup_steps": min(10, steps // 5)},
+        "deepspeed": {"template": "zero1", "precision": "fp32"},
+        "checkpoint": {"every_steps": max(steps, 1), "keep_last": 1},
+        "tracking": {"uri": paths.tracking_uri, "experiment": EXPERIMENT},
     }

@@ -47,13 +47,16 @@ from mvar_dist.quickstart.digits import (
     real_val_accuracy,
     write_digits_image_folder,
 )
-from mvar_dist.quickstart.experiment import DEFAULT_STEPS, IMAGE_SIZE, VAL_SIZE, Mode, QuickstartPaths, experiment
+from mvar_dist.quickstart.experiment import (
+    DEFAULT_STEPS, IMAGE_SIZE, VAL_SIZE, Mode, QuickstartPaths, TokenizerKind, experiment,
+)
 from mvar_dist.quickstart.progress import TrainingProgress
+from mvar_dist.quickstart.vqvae import prepare_vqvae_tokenizer
 from mvar_dist.run_dir import RunDir
 from mvar_dist.sampling.batches import resolve_settings, sample_batches
 from mvar_dist.sampling.exported import load_exported
 from mvar_dist.sampling.images import compose_grid, write_png
-from mvar_dist.tokenizer import PatchResidualTokenizer, fit_tokenizer
+from mvar_dist.tokenizer import PatchResidualTokenizer, ResidualTokenizer, fit_tokenizer
 from mvar_dist.training.export import export_run
 
 logger = logging.getLogger(__name__)
@@ -105,7 +108,7 @@ def prepare_tokenizer(paths: QuickstartPaths) -> PatchResidualTokenizer:
     return tokenizer
 
 
-def prepare_shards(paths: QuickstartPaths, tokenizer: PatchResidualTokenizer) -> Path:
+def prepare_shards(paths: QuickstartPaths, tokenizer: ResidualTokenizer) -> Path:
     """Shard the training split (complete shards are kept) and merge its manifest."""
     source = list_class_folder(paths.digits / "train")
     try:
@@ -160,16 +163,17 @@ def create_experiment(tracking_uri: str, name: str, artifacts: Path) -> None:
         client.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
 
 
-def train(experiment_file: Path, nproc: int) -> None:
-    """The same path as ``mvar-dist train --config FILE --nproc N``, with CPU-friendly thread counts."""
+def train(experiment_file: Path, nproc: int, command_name: str = "train") -> None:
+    """The same path as ``mvar-dist train --config FILE --nproc N`` (or ``train-tokenizer``),
+    with CPU-friendly thread counts."""
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     # one rank per core: torch's default (all cores per rank) oversubscribes the CPU
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = [sys.executable, "-m", "mvar_dist", "train", "--config", str(experiment_file)]
+    command = [sys.executable, "-m", "mvar_dist", command_name, "--config", str(experiment_file)]
     code = launch(nproc, command, env=env)
     if code:
-        raise QuickstartError(f"training exited with code {code}; see the rank logs above")
+        raise QuickstartError(f"{command_name} exited with code {code}; see the rank logs above")
 
 
 # ----- stages 6-7: export, sample, judge -----
@@ -211,19 +215,24 @@ def log_quality(tracking_uri: str, run_id: str | None, step: int, quality: dict[
 
 def run_quickstart(out: Path, mode: Mode = "mvar", steps: int = DEFAULT_STEPS, seed: int = 0, nproc: int = 2,
                    per_class: int = 20, grid_per_class: int = 10, fresh: bool = False,
-                   overrides: Sequence[str] = ()) -> dict[str, Any]:
+                   overrides: Sequence[str] = (), tokenizer_kind: TokenizerKind = "patch") -> dict[str, Any]:
     """Run every stage; returns the summary (also written to ``out/summary.json``)."""
     if steps < 1 or per_class < 1 or not 1 <= grid_per_class <= per_class:
         raise QuickstartError("--steps and --per-class must be >= 1 and --grid-per-class in 1..--per-class")
-    paths = QuickstartPaths(Path(out))
+    paths = QuickstartPaths(Path(out), tokenizer_kind)
     paths.out.mkdir(parents=True, exist_ok=True)
     raw = experiment(paths, mode, steps, seed)
     apply_overrides(raw, overrides)
     clock = StageClock()
     with clock.stage("digits", f"sklearn digits -> {paths.digits}"):
         write_digits_image_folder(paths.digits, image_size=IMAGE_SIZE, val_size=VAL_SIZE, seed=0)
-    with clock.stage("tokenizer", f"pixel-patch tokenizer -> {paths.tokenizer}"):
-        tokenizer = prepare_tokenizer(paths)
+    tokenizer_report: dict[str, Any] = {}
+    if tokenizer_kind == "vqvae":
+        with clock.stage("tokenizer", f"train a multi-scale VQVAE on {nproc} CPU ranks -> {paths.tokenizer}"):
+            tokenizer, tokenizer_report = prepare_vqvae_tokenizer(paths, nproc, seed, train)
+    else:
+        with clock.stage("tokenizer", f"pixel-patch tokenizer -> {paths.tokenizer}"):
+            tokenizer = prepare_tokenizer(paths)
     with clock.stage("shards", f"code shards -> {paths.shards}"):
         manifest = prepare_shards(paths, tokenizer)
     with clock.stage("verify", f"verify {manifest}"):
@@ -260,6 +269,7 @@ def run_quickstart(out: Path, mode: Mode = "mvar", steps: int = DEFAULT_STEPS, s
         "model_dir": str(paths.model_dir(mode).resolve()), "grid": str(paths.grid(mode).resolve()),
         **quality,
         "final_train_loss": training["final_metrics"].get("train/loss"),
+        "tokenizer_kind": tokenizer_kind, **({"tokenizer_quality": tokenizer_report} if tokenizer_report else {}),
         "stages": clock.stages, "total": clock.totals(),
     }
     write_json(paths.summary, summary)

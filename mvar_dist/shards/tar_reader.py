@@ -7,6 +7,7 @@ canonical path several times more, so one loader worker feeds many GPUs.
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
@@ -27,9 +28,10 @@ class RawSample:
     fields: dict[str, bytes]
 
 
-def _walk_headers(data: bytes) -> tuple[list[tuple[int, int, bytes]], str | None]:
+def _walk_headers(data: bytes | mmap.mmap, require_end: bool = False) -> tuple[list[tuple[int, int, bytes]], str | None]:
     """Offsets of all headers: [(header offset, payload size, typeflag)] up to the end-of-archive
-    marker, and the problem that stopped the walk early, if any."""
+    marker, and the problem that stopped the walk early, if any; with ``require_end``, a file that
+    ends without the marker (cut at a member boundary) is a problem too."""
     headers, offset, end = [], 0, len(data)
     empty = bytes(_BLOCK)
     while offset < end:
@@ -48,6 +50,8 @@ def _walk_headers(data: bytes) -> tuple[list[tuple[int, int, bytes]], str | None
             return headers, f"unexpected end of file inside member at byte {offset} (truncated shard?)"
         headers.append((offset, size, data[offset + 156 : offset + 157]))
         offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+    if require_end:
+        return headers, f"no end-of-archive marker after the member ending at byte {offset} (truncated shard?)"
     return headers, None
 
 
@@ -68,22 +72,24 @@ def _first_bad_checksum(headers: np.ndarray) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
-def _header_rows(data: bytes, offsets: list[int]) -> np.ndarray:
+def _header_rows(data: bytes | mmap.mmap, offsets: list[int]) -> np.ndarray:
     array = np.frombuffer(data, dtype=np.uint8)
     return np.stack([array[o : o + _BLOCK] for o in offsets]) if offsets else np.zeros((0, _BLOCK), np.uint8)
 
 
-def tar_members(data: bytes) -> tuple[list[tuple[str, bytes]], str | None]:
-    """(name, payload) of every regular file of an in-memory tar, and the problem that ended
-    reading early (truncation, corrupt header), if any. Understands ustar name prefixes, GNU
+def member_offsets(data: bytes | mmap.mmap, require_end: bool = False) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(name, payload offset, payload size) of every regular file of a tar held in memory or
+    memory-mapped, and the problem that ended the walk early (truncation, corrupt header), if any;
+    ``require_end``: a missing end-of-archive marker is one (for readers without a sample count).
+    Only headers (and long-name records) are touched, so indexing a memory-mapped shard of large
+    images reads a few pages per member, not the images. Understands ustar name prefixes, GNU
     long names and pax paths."""
-    headers, problem = _walk_headers(data)
+    headers, problem = _walk_headers(data, require_end)
     bad = _first_bad_checksum(_header_rows(data, [h[0] for h in headers]))
     if bad is not None:
         headers, problem = headers[:bad], f"bad tar header checksum at byte {headers[bad][0]} (corrupt shard)"
     members, long_name = [], None
     for offset, size, kind in headers:
-        payload = data[offset + _BLOCK : offset + _BLOCK + size]
         if kind == b"0" or kind == b"\0":
             if long_name is None:
                 name = data[offset : offset + 100].split(b"\0", 1)[0].decode()
@@ -91,17 +97,24 @@ def tar_members(data: bytes) -> tuple[list[tuple[str, bytes]], str | None]:
                     name = data[offset + 345 : offset + 500].split(b"\0", 1)[0].decode() + "/" + name
             else:
                 name, long_name = long_name, None
-            members.append((name, payload))
+            members.append((name, offset + _BLOCK, size))
         elif kind == b"L":
-            long_name = payload.split(b"\0", 1)[0].decode()
+            long_name = data[offset + _BLOCK : offset + _BLOCK + size].split(b"\0", 1)[0].decode()
         elif kind == b"x":
-            for record in payload.decode().splitlines():
+            for record in data[offset + _BLOCK : offset + _BLOCK + size].decode().splitlines():
                 entry = record.partition(" ")[2]
                 if entry.startswith("path="):
                     long_name = entry[len("path=") :]
         else:
             long_name = None
     return members, problem
+
+
+def tar_members(data: bytes) -> tuple[list[tuple[str, bytes]], str | None]:
+    """(name, payload) of every regular file of an in-memory tar, and the problem that ended
+    reading early (truncation, corrupt header), if any; see :func:`member_offsets`."""
+    members, problem = member_offsets(data)
+    return [(name, data[start : start + size]) for name, start, size in members], problem
 
 
 def iter_samples(stream: BinaryIO) -> Iterator[RawSample]:

@@ -7,6 +7,7 @@ upsampling, passed through phi, is added to f_hat and subtracted from the residu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -50,6 +51,18 @@ class IdentityPhi(nn.Module):
 def _drop_usage_statistics(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     # load_state_dict hands hooks its own copy of the dict: the caller's stays untouched
     state_dict.pop(prefix + "ema_vocab_hit_SV", None)
+
+
+@dataclass
+class TrainingQuantization:
+    """What the residual loop gives training: f_hat (gradient straight through to f), the VQ loss,
+    the codes per scale (B, pn*pn), and the residual vectors each scale quantised (for code
+    usage statistics and dead-code restarts)."""
+
+    f_hat: torch.Tensor
+    vq_loss: torch.Tensor
+    codes: list[torch.Tensor]
+    targets: list[torch.Tensor]
 
 
 class MultiScaleQuantizer(nn.Module):
@@ -111,6 +124,29 @@ class MultiScaleQuantizer(nn.Module):
             f_hat.add_(contribution)
             residual.sub_(contribution)
         return codes
+
+    def quantize_for_training(self, f: torch.Tensor, beta: float = 0.25) -> TrainingQuantization:
+        """The residual loop with gradients (VAR's training recipe): codes as :meth:`quantize`
+        picks them; per scale the codebook term |f_hat - sg(f)|^2 (to the codebook and phi) plus
+        ``beta`` x the commitment term |sg(f_hat) - f|^2 (to the encoder), both after adding the
+        scale, averaged over scales; the returned f_hat passes the decoder's gradient straight
+        through to f (its value is f_hat's)."""
+        fixed = f.detach()
+        residual, f_hat = fixed.clone(), torch.zeros_like(fixed)
+        loss = f.new_zeros(())
+        codes, targets = [], []
+        for scale, pn in enumerate(self.layout.patch_nums):
+            last = scale == self.layout.num_scales - 1
+            with torch.no_grad():
+                target = residual if last else F.interpolate(residual, size=(pn, pn), mode="area")
+                codes.append(self.nearest_codes(target))
+            targets.append(target.permute(0, 2, 3, 1).reshape(-1, target.shape[1]))
+            contribution = self.scale_contribution(codes[-1], scale)
+            f_hat = f_hat + contribution
+            residual = residual - contribution.detach()
+            loss = loss + beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, fixed)
+        straight_through = f + (f_hat - fixed).detach()
+        return TrainingQuantization(straight_through, loss / self.layout.num_scales, codes, targets)
 
     def empty_f_hat(self, batch: int) -> torch.Tensor:
         final = self.layout.final_size

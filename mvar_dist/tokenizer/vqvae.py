@@ -17,7 +17,7 @@ from mvar_dist.scales import DEFAULT_PATCH_NUMS
 from mvar_dist.state_files import check_state_dict_matches, load_state_dict_file
 from mvar_dist.tokenizer.base import ResidualTokenizer
 from mvar_dist.tokenizer.nets import Decoder, Encoder
-from mvar_dist.tokenizer.quantizer import MultiScaleQuantizer, SharedPhis
+from mvar_dist.tokenizer.quantizer import MultiScaleQuantizer, SharedPhis, TrainingQuantization
 from mvar_dist.tokenizer.saving import read_saved_config, save_with_config
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,13 @@ class MultiScaleVQVAE(ResidualTokenizer):
 
     def encode_latent(self, img: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(img))
+
+    def forward(self, img: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, TrainingQuantization]:
+        """Training: images (B, 3, H, W) in [-1, 1] -> (reconstruction, not clamped, and the
+        quantisation: VQ loss, codes, residual targets). Call ``requires_grad_(True).train()``
+        first: a tokenizer is built frozen, as it is used everywhere else."""
+        quantized = self.quantize.quantize_for_training(self.encode_latent(img), beta)
+        return self.decode_latent(quantized.f_hat), quantized
 
     def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(f_hat))

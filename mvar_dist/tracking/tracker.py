@@ -119,6 +119,7 @@ class RunTracker(NullTracker):
         retry_interval_s: float = 0.0,
         undelivered: Mapping[int | str, Mapping[str, float]] | None = None,
         config_hash: str | None = None,
+        same_config_only: bool = False,
     ) -> "RunTracker | NullTracker":
         """Start (or, given ``run_id``, continue) the MLflow run of ``run_dir``.
 
@@ -126,8 +127,9 @@ class RunTracker(NullTracker):
         ``flush_every`` steps or ``flush_seconds`` seconds, whichever comes first, and at
         :meth:`flush`; None disables that trigger. ``timeout_s`` bounds every HTTP call;
         after a failure no call is tried for ``retry_interval_s``. ``undelivered`` are the
-        metrics a checkpoint kept because they could not be sent. A run ``run_id`` whose
-        ``config_hash`` tag differs from ``config_hash`` is not continued (a new run starts).
+        metrics a checkpoint kept because they could not be sent. New runs are tagged with
+        ``config_hash``; with ``same_config_only`` (no checkpoint vouches for ``run_id``) a run
+        whose tag differs is not continued (a new run starts).
         """
         if rank != 0:
             return NullTracker()
@@ -141,7 +143,7 @@ class RunTracker(NullTracker):
         client = MlflowClient(tracking_uri=uri)
 
         def connect() -> Any:
-            return _start_or_continue(client, config_dict, run_dir, experiment, run_id, config_hash)
+            return _start_or_continue(client, config_dict, run_dir, experiment, run_id, config_hash, same_config_only)
 
         tracker = cls(client, uri, run_dir, connect, flush_every, flush_seconds, retry_interval_s, system_metrics)
         for step, metrics in (undelivered or {}).items():
@@ -285,9 +287,10 @@ class RunTracker(NullTracker):
     # -- artifacts and tags ----------------------------------------------------------------
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self._ensure_run():
-            if self._call(f"upload {path}", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path)) is None:
-                logger.warning("artifact %s was not uploaded to MLflow", path)
+        uploaded = self._ensure_run() and self._call(
+            f"upload {path}", lambda: self._client.log_artifact(self.run_id, str(path), artifact_path)) is not None
+        if not uploaded:
+            logger.warning("artifact %s was not uploaded to MLflow (the server does not answer)", Path(path).name)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """Store a uint8 (H, W), (H, W, 1|3|4) array as a PNG at ``artifact_file``."""
@@ -360,7 +363,7 @@ class RunTracker(NullTracker):
 
 
 def _start_or_continue(client: Any, config: Mapping[str, Any], run_dir: Path, experiment: str,
-                       run_id: str | None, config_hash: str | None) -> Any:
+                       run_id: str | None, config_hash: str | None, same_config_only: bool) -> Any:
     """The run to log into: ``run_id`` continued when it exists (and was started for the same
     experiment config), else a new run. Network errors propagate (the caller retries later)."""
     extra_tags = {"run_dir": str(run_dir.resolve())}
@@ -368,7 +371,7 @@ def _start_or_continue(client: Any, config: Mapping[str, Any], run_dir: Path, ex
         # e.g. the run dir moved to a cluster with another tracking server: keep training
         logger.error("MLflow run %s of this run directory is not at its store; starting a new run", run_id)
         extra_tags["resumed_from_missing_run_id"], run_id = run_id, None
-    if run_id is not None and config_hash is not None:
+    if run_id is not None and config_hash is not None and same_config_only:
         recorded = client.get_run(run_id).data.tags.get(CONFIG_HASH_TAG)
         if recorded is not None and recorded != config_hash:
             logger.warning("MLflow run %s was started for another experiment config; starting a new run", run_id)

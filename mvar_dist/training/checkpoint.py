@@ -10,7 +10,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -72,30 +72,41 @@ def _barrier() -> None:
 
 def save_checkpoint(
     engine: Any, run_dir: RunDir, step: int, run_state: dict[str, Any], rank_state: dict[str, Any], keep_last: int,
+    others: Mapping[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank writes its part and makes it durable; ``latest`` moves only once
     all files of the tag and the tag directory are on disk (a node crash may lose the newest
-    tag, never leave ``latest`` naming a tag that is incomplete)."""
+    tag, never leave ``latest`` naming a tag that is incomplete). ``others`` are more engines
+    of the run (a discriminator), each saved in a sub-directory of the tag named after it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(step)
     tag_dir = run_dir.tag_dir(tag)
     engine.save_checkpoint(str(run_dir.checkpoints), tag=tag, client_state={"run_state": run_state}, save_latest=False)
+    for name, other in (others or {}).items():
+        other.save_checkpoint(str(tag_dir), tag=name, save_latest=False)
     tag_dir.mkdir(parents=True, exist_ok=True)
     write_via_temp(run_dir.rank_file(tag, rank), lambda tmp: torch.save(rank_state, tmp))
-    for path in sorted(tag_dir.iterdir()):
+    for path in _files(tag_dir):
         if _written_by(path.name, rank):  # DeepSpeed writes without fsync
             fsync_path(path)
     _barrier()
     if rank == 0:
         write_json(run_dir.run_state_file(tag), run_state)
-        sizes = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file()}
+        sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in _files(tag_dir)}
         write_json(run_dir.tag_dir(tag) / FILES_RECORD, sizes)
-        fsync_path(tag_dir)
+        for directory in [*(tag_dir / name for name in others or {}), tag_dir]:
+            fsync_path(directory)
         write_bytes(run_dir.latest_file, (tag + "\n").encode())
         prune_checkpoints(run_dir, keep_last)
     _barrier()
     logger.info("saved checkpoint %s", tag_dir)
     return tag_dir
+
+
+def _files(tag_dir: Path) -> list[Path]:
+    """Every file of a tag, sub-directories included; temporary names (another rank's atomic
+    write in progress) are not files of the tag yet."""
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def _written_by(name: str, rank: int) -> bool:
@@ -119,16 +130,18 @@ def prune_checkpoints(run_dir: RunDir, keep_last: int) -> None:
             shutil.rmtree(run_dir.tag_dir(tag_for(s)), ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, run_dir: RunDir, point: ResumePoint) -> dict[str, Any]:
-    """Load weights, optimizer and DeepSpeed state into ``engine`` (no unpickling of anything but
-    tensors and DeepSpeed's few types); returns this rank's extra state."""
+def load_checkpoint(engine: Any, run_dir: RunDir, point: ResumePoint, others: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Load weights, optimizer and DeepSpeed state into ``engine`` (and ``others``, as saved; no
+    unpickling of anything but tensors and DeepSpeed's few types); returns this rank's extra state."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    with weights_only_loading():
-        path, _ = engine.load_checkpoint(
-            str(run_dir.checkpoints), tag=point.tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {run_dir.tag_dir(point.tag)}")
+    loads = [(engine, run_dir.checkpoints, point.tag), *((e, run_dir.tag_dir(point.tag), n) for n, e in (others or {}).items())]
+    for target, directory, tag in loads:
+        with weights_only_loading():
+            path, _ = target.load_checkpoint(
+                str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
     rank_file = run_dir.rank_file(point.tag, rank)
     if not rank_file.is_file():
         raise RuntimeError(
@@ -183,7 +196,7 @@ def find_resume_point(run_dir: RunDir) -> tuple[ResumePoint | None, list[tuple[s
         logger.error("checkpoint %s is damaged: %s", run_dir.tag_dir(tag), problem)
     raise RuntimeError(
         f"no complete checkpoint in {run_dir.checkpoints} (damaged: {damaged}); move the checkpoints "
-        f"directory aside to start this run over"
+        f"directory aside to start this run over (and {run_dir.mlflow_record.name}, for a new MLflow run)"
     )
 
 

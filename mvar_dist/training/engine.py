@@ -1,6 +1,6 @@
 """The DeepSpeed engine: its JSON from a template + the experiment config (which owns batch
-sizes, precision and clipping), torch AdamW with VAR's parameter groups, and the lr schedule
-as a LambdaLR that DeepSpeed checkpoints."""
+sizes, precision and clipping), torch AdamW with VAR's parameter groups, and the lr of every
+step set from the step count."""
 
 from __future__ import annotations
 
@@ -32,16 +32,23 @@ NO_DECAY_KEYS: tuple[str, ...] = (
 
 def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any]:
     """The template with every value the experiment config owns filled in from it."""
-    path = resolve_template(config.deepspeed.template, config.deepspeed.precision)
-    ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
     train = config.train
-    ds["train_batch_size"] = train.global_batch_size
-    ds["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-    ds["gradient_accumulation_steps"] = train.global_batch_size // (train.micro_batch_size * world_size)
-    ds["gradient_clipping"] = config.optim.grad_clip
-    precision = config.deepspeed.precision
+    return deepspeed_json(config.deepspeed.template, config.deepspeed.precision, train.global_batch_size,
+                          train.micro_batch_size, world_size, config.optim.grad_clip)
+
+
+def deepspeed_json(template: str, precision: str, global_batch: int, micro_batch: int, world_size: int,
+                   grad_clip: float) -> dict[str, Any]:
+    """A DeepSpeed template with batch sizes, clipping and precision filled in (an experiment
+    owns those; the template the ZeRO stage and its tuning)."""
+    path = resolve_template(template, precision)
+    ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    ds["train_batch_size"] = global_batch
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = global_batch // (micro_batch * world_size)
+    ds["gradient_clipping"] = grad_clip
     ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
-    # a non-finite step must be skipped by the optimizer on every rank (see train.py)
+    # a non-finite step must be skipped by the optimizer on every rank (see mvar_dist.training.loop)
     ds["bf16"]["check_grad_overflow"] = True
     ds.setdefault("fp16", {})["enabled"] = precision == "fp16"
     ds["zero_allow_untested_optimizer"] = True  # torch AdamW: the CPU build has no fused Adam
@@ -73,8 +80,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: int) -> Any:
     """deepspeed.initialize with torch AdamW; the lr is set before every step (:func:`set_lr`)."""
-    import deepspeed
-
     optimizer = torch.optim.AdamW(
         param_groups(model, config.optim.weight_decay),
         lr=config.peak_lr,
@@ -82,7 +87,14 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: i
         eps=config.optim.eps,
         foreach=False,
     )
-    ds_config = deepspeed_config(config, world_size)
+    return initialize(model, optimizer, deepspeed_config(config, world_size))
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
+    """``deepspeed.initialize`` of a model with its (torch) optimizer; no lr scheduler: the
+    training loop sets the lr of every step."""
+    import deepspeed
+
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     return engine
 

@@ -55,7 +55,8 @@ def stale_reason(owner: dict[str, Any]) -> str | None:
         except ProcessLookupError:
             return f"process {owner['pid']} on this host is gone"
         except PermissionError:
-            pass  # alive, another user's
+            pass
+        return None  # alive on this host (even within this SLURM job: two runs, one directory)
     job = owner.get("job")
     if job and job == os.environ.get("SLURM_JOB_ID"):
         return f"it is this job's ({job}) own lock from before a requeue"

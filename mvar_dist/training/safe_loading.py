@@ -78,9 +78,9 @@ def weights_only_loading() -> Iterator[None]:
 
 
 def inspect_files(directory: Path) -> str | None:
-    """Check every ``*.pt`` file of a checkpoint tag: the first damage found, or None; raises
-    :class:`UnsafeCheckpointError` for a file that would run code."""
-    for path in sorted(directory.glob("*.pt")):
+    """Check every ``*.pt`` file of a checkpoint tag (sub-directories included): the first damage
+    found, or None; raises :class:`UnsafeCheckpointError` for a file that would run code."""
+    for path in sorted(directory.rglob("*.pt")):
         reason = unreadable_reason(path)
         if reason is not None:
             return reason

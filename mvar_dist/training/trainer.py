@@ -5,7 +5,6 @@ tracking; then :class:`mvar_dist.training.loop.TrainingLoop` runs the steps."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,12 @@ from mvar_dist.model.released import load_released_weights
 from mvar_dist.model.transformer import MVAR
 from mvar_dist.run_dir import ResumePoint, RunDir
 from mvar_dist.tokenizer import Tokenizer, load_tokenizer
-from mvar_dist.tracking import RunTracker, Tracker, read_run_record, resolve_tracking_uri
 from mvar_dist.training import checkpoint as checkpoints
 from mvar_dist.training import engine as engine_lib
-from mvar_dist.training.distributed import export_rank_env, read_rank_env
+from mvar_dist.training import run_setup
+from mvar_dist.training.distributed import read_rank_env
 from mvar_dist.training.loop import TrainingLoop
-from mvar_dist.training.run_lock import RunDirInUse, RunLock
-from mvar_dist.training.safe_loading import UnsafeCheckpointError
+from mvar_dist.training.run_lock import RunLock
 from mvar_dist.training.step import StopFlag
 
 logger = logging.getLogger(__name__)
@@ -64,23 +62,7 @@ class Trainer:
     def _check_before_compute(self) -> ResumePoint | None:
         """Everything that can be wrong with the inputs, on every rank, before any process group."""
         validate(self.config, self.world)
-        try:  # before reading checkpoints that another job may be writing
-            RunLock(self.run_dir).check()
-        except RunDirInUse as error:
-            raise ConfigError(str(error)) from None
-        latest = self.run_dir.latest_tag()
-        try:  # another experiment's run directory is refused before its files are looked at
-            named = self.run_dir.read_resume_point(latest) if latest is not None else None
-        except (FileNotFoundError, ValueError, KeyError):
-            named = None  # its run state is damaged: the search below says so
-        if named is not None:
-            self._check_resumable(named)
-        try:
-            point, self.damaged = checkpoints.find_resume_point(self.run_dir)
-        except (UnsafeCheckpointError, RuntimeError) as error:
-            raise ConfigError(str(error)) from None
-        if point is not None:
-            self._check_resumable(point)
+        point, self.damaged = run_setup.resume_point(self.run_dir, self._check_resumable)
         return point
 
     def _check_resumable(self, point: ResumePoint) -> None:
@@ -91,11 +73,7 @@ class Trainer:
                 f"{', '.join(changed)} changed. Only {', '.join(RESUMABLE_CHANGES)} may change on "
                 f"resume; use a new run.dir to start over"
             )
-        if point.run_state.get("world_size") != self.world:
-            raise ConfigError(
-                f"{point.tag} was written by {point.run_state.get('world_size')} ranks; "
-                f"resume it with the same number of ranks (got {self.world})"
-            )
+        run_setup.check_world_size(point, self.world)
 
     def _build_data(self, tokenizer: Tokenizer) -> tuple[Any, Any]:
         """The train loader and, with ``train.val_every_steps``, the validation loader (else None)."""
@@ -122,23 +100,12 @@ class Trainer:
                 )
         return loaders[0], (loaders[1] if len(loaders) > 1 else None)
 
-    def _init_distributed(self) -> torch.device:
-        cuda = torch.cuda.is_available()
-        if not cuda:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed
-
-        export_rank_env(self.rank_env)
-        backend = self.config.deepspeed.backend or ("nccl" if cuda else "gloo")
-        deepspeed.init_distributed(dist_backend=backend, init_method="env://")
-        if cuda:
-            torch.cuda.set_device(self.rank_env.local_rank)
-            return torch.device("cuda", self.rank_env.local_rank)
-        return torch.device("cpu")
-
     def _build_model(self, resuming: bool) -> MVAR:
         torch.manual_seed(self.config.run.seed)  # identical initial weights on every rank
         model = MVAR(self.config.model)
+        model.set_activation_checkpointing(self.config.train.recompute_every)
+        if self.config.train.compile:
+            model.compile_blocks()
         if self.config.train.init_from and not resuming:
             try:
                 load_released_weights(model, self.config.train.init_from)
@@ -152,34 +119,15 @@ class Trainer:
         point = self._check_before_compute()
         tokenizer = build_tokenizer(self.config, torch.device("cpu"))
         loader, self.val_loader = self._build_data(tokenizer)
-        device = self._init_distributed()
+        device = run_setup.init_distributed(self.rank_env, self.config.deepspeed.backend)
         tokenizer = tokenizer.to(device)
-        lock = self._claim_run_dir(point)
+        lock = run_setup.claim_run_dir(self.run_dir, self.rank, lambda: save_resolved(self.config, self.run_dir.config_file),
+                                       point, self.damaged, self.config.checkpoint.keep_last)
         try:
             return self._train(point, tokenizer, loader, device, lock)
         finally:
             if lock is not None:
                 lock.release()
-
-    def _claim_run_dir(self, point: ResumePoint | None) -> RunLock | None:
-        """Rank 0 locks the run directory (every rank learns if that failed), then tidies it."""
-        lock = RunLock(self.run_dir) if self.rank == 0 else None
-        refused = None
-        if lock is not None:
-            try:
-                lock.acquire()
-            except RunDirInUse as error:
-                refused = str(error)
-        refused = engine_lib.broadcast_from_rank0(refused)
-        if refused is not None:
-            raise ConfigError(refused)
-        if lock is not None:
-            self.run_dir.checkpoints.mkdir(parents=True, exist_ok=True)
-            save_resolved(self.config, self.run_dir.config_file)
-            if point is not None and self.damaged:
-                checkpoints.set_aside_damaged(self.run_dir, self.damaged, point)
-            checkpoints.prune_checkpoints(self.run_dir, self.config.checkpoint.keep_last)
-        return lock
 
     def _train(self, point: ResumePoint | None, tokenizer: Tokenizer, loader: Any, device: torch.device,
                lock: RunLock | None) -> int:
@@ -191,7 +139,8 @@ class Trainer:
             loader.load_state_dict(rank_state["loader"])
             step, rng = point.step, rank_state["rng"]
             logger.info("resumed from %s at step %d", point.tag, step)
-        tracker = self._start_tracking(point)
+        tracker = run_setup.start_tracking(self.config_dict, self.run_dir, self.config.tracking, point, self.rank,
+                                           compatibility_hash(self.config_dict))
         loop = TrainingLoop(self.config, self.run_dir, self.rank, self.world, engine, model, tokenizer, loader,
                             self.val_loader, tracker, self.stop, lock, device)
         if point is not None:
@@ -213,29 +162,3 @@ class Trainer:
         finally:
             tracker.finish(status)
         return 0 if status in ("FINISHED", "KILLED") else 1
-
-    def _start_tracking(self, point: ResumePoint | None) -> Tracker:
-        """The MLflow run: the checkpoint's, else the one ``mlflow_run.json`` names (a run killed
-        before its first checkpoint continues its run), with what the checkpoint could not send."""
-        tracking, run_id, undelivered = self.config.tracking, None, None
-        if point is not None:
-            run_id, undelivered = point.run_state.get("mlflow_run_id"), point.run_state.get("undelivered_metrics")
-        if run_id is None and self.rank == 0:
-            run_id = recorded_run_id(self.run_dir, tracking.uri)
-        return engine_lib.on_every_rank(lambda: RunTracker.create(
-            self.config_dict, self.run_dir.path, tracking.uri, tracking.experiment, run_id, self.rank,
-            timeout_s=tracking.timeout_s, retry_interval_s=tracking.retry_interval_s, undelivered=undelivered,
-            config_hash=compatibility_hash(self.config_dict),
-        ))
-
-
-def recorded_run_id(run_dir: RunDir, tracking_uri: str | None) -> str | None:
-    """The MLflow run ``mlflow_run.json`` names, if it is on the store this run logs to."""
-    try:
-        record = read_run_record(run_dir.path)
-    except ValueError as error:  # a damaged record must not stop training: a new run starts
-        logger.warning("%s", error)
-        return None
-    if record is None or record.tracking_uri != resolve_tracking_uri(tracking_uri, run_dir.path):
-        return None
-    return record.run_id

@@ -1,0 +1,143 @@
+"""Sampling cost of VAR (KV cache over every earlier scale) vs MVAR (no cache: each scale sees
+only its own tokens, the largest with k x k neighbourhood attention), side by side.
+
+Same model size, batch, classifier-free guidance and top-k / top-p; each variant runs in its own
+process so that its peak memory is its own. Reported per variant:
+
+- peak memory while sampling: CUDA max allocated minus the weights on GPU; on CPU the growth of
+  peak RSS over the process's RSS before the first sample (the first call's: caches, activations);
+- images/s: batch / seconds per generate call (after a warm-up call), tokenizer decode included;
+- where the time goes, per scale (``--profile``): seconds of each scale's transformer pass.
+
+    python benchmarks/sampling.py                          # CPU defaults: depth 8, width 512, batch 16
+    python benchmarks/sampling.py --depth 16 --batch 32    # the paper's d16 shape (on a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Child process: one variant."""
+    import torch
+
+    from mvar_dist.model import MVAR, MVARConfig
+    from mvar_dist.tokenizer import MultiScaleVQVAE
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    config = MVARConfig(depth=args.depth, embed_dim=args.width, num_heads=args.heads, mode=args.variant)
+    model = MVAR(config).to(device).eval()
+    # only the quantiser matters for the scale loop; a small decoder keeps the final decode cheap
+    tokenizer = MultiScaleVQVAE(ch=32, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1).to(device)
+    labels = torch.arange(args.batch, device=device) % 1000
+    settings = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    timings: dict[int, float] = {}
+    if args.profile:
+        _time_scales(model, timings, cuda)
+
+    def sample(seed: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(labels, tokenizer, seed=seed, **settings)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before = _current_rss_mb()
+    sample(0)  # the memory of a cold call: caches and activations as sampling allocates them
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 - weights_mb if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before)
+    timings.clear()
+    seconds = [sample(seed) for seed in range(1, args.repeats + 1)]
+    mean = sum(seconds) / len(seconds)
+    return {
+        "variant": args.variant, "peak_memory_mb": peak, "images_per_s": args.batch / mean, "seconds_per_call": mean,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "device": str(device),
+        "scale_seconds": {s: t / args.repeats for s, t in sorted(timings.items())},
+    }
+
+
+def _time_scales(model, timings: dict[int, float], cuda: bool) -> None:
+    """Wrap the model's per-scale pass (``logits``) to add its time to ``timings[scale]``."""
+    import torch
+
+    original = model.logits
+    counter = {"scale": 0}
+
+    def timed(x, cond, plan=None, caches=None):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = original(x, cond, plan=plan, caches=caches)
+        if cuda:
+            torch.cuda.synchronize()
+        scale = counter["scale"] % model.layout.num_scales
+        timings[scale] = timings.get(scale, 0.0) + time.perf_counter() - start
+        counter["scale"] += 1
+        return out
+
+    model.logits = timed
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--width", type=int, default=None, help="default 64 x depth (the released shapes)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cfg", type=float, default=2.7)
+    parser.add_argument("--top-k", type=int, default=1200)
+    parser.add_argument("--top-p", type=float, default=0.99)
+    parser.add_argument("--profile", action="store_true", help="also time every scale's transformer pass")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--variant", choices=("var", "mvar"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.width = args.width or 64 * args.depth
+    args.heads = max(1, args.width // 64)
+    if args.variant:
+        print("RESULT " + json.dumps(measure(args)), flush=True)
+        return
+    rows = []
+    for variant in ("var", "mvar"):
+        command = [sys.executable, __file__, "--variant", variant, "--depth", str(args.depth), "--width", str(args.width),
+                   "--batch", str(args.batch), "--repeats", str(args.repeats), "--cfg", str(args.cfg),
+                   "--top-k", str(args.top_k), "--top-p", str(args.top_p), *(["--profile"] if args.profile else [])]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    var, mvar = rows
+    print(f"sampling, 256px layout (10 scales, 680 tokens), depth {args.depth}, width {args.width}, batch {args.batch}, "
+          f"cfg {args.cfg}, top-k {args.top_k}, top-p {args.top_p}, {var['params_m']:.0f}M params, {var['device']}")
+    print(f"{'variant':<8} {'peak MB':>9} {'images/s':>9} {'s/call':>8}")
+    for row in rows:
+        print(f"{row['variant']:<8} {row['peak_memory_mb']:>9.0f} {row['images_per_s']:>9.2f} {row['seconds_per_call']:>8.2f}")
+    print(f"memory VAR/MVAR: {var['peak_memory_mb'] / mvar['peak_memory_mb']:.2f}x; "
+          f"speed MVAR/VAR: {mvar['images_per_s'] / var['images_per_s']:.2f}x")
+    if args.profile:
+        print("seconds per scale pass:  " + "  ".join(f"s{s}" for s in var["scale_seconds"]))
+        for row in rows:
+            print(f"{row['variant']:<8} " + " ".join(f"{t:.3f}" for t in row["scale_seconds"].values()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

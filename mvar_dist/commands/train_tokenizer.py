@@ -1,0 +1,47 @@
+"""``mvar-dist train-tokenizer``: train VAR's multi-scale VQVAE on images (VQGAN's recipe:
+reconstruction, VQ, perceptual and adversarial losses) with DeepSpeed, one process per rank
+(``--nproc N`` spawns N local ranks). The experiment file says ``kind: tokenizer``; see
+docs/tokenizer_training.md. Export the result with ``mvar-dist export``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from mvar_dist.commands.reporting import reports
+from mvar_dist.commands.train import launched_rank
+from mvar_dist.config import ConfigError
+from mvar_dist.tokenizer_training.config import load_tokenizer_experiment, validate_tokenizer_experiment
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mvar-dist train-tokenizer",
+                                     description="Train the multi-scale VQVAE tokenizer with DeepSpeed.")
+    parser.add_argument("--config", required=True, help="tokenizer experiment file, e.g. configs/tokenizer_imagenet.yaml")
+    parser.add_argument("--nproc", type=int, default=0, help="spawn N local ranks (CPU or GPUs of this machine)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.total_steps=20")
+    return parser
+
+
+@reports("train-tokenizer", ConfigError, code=2)
+def main(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.nproc < 0:
+        parser.error(f"--nproc must be >= 1 (or left out for one rank), got {args.nproc}")
+    if args.nproc:
+        validate_tokenizer_experiment(load_tokenizer_experiment(args.config, args.overrides), args.nproc)
+        from mvar_dist.launch.local import launch
+
+        child = [sys.executable, "-m", "mvar_dist", "train-tokenizer", "--config", args.config, *args.overrides]
+        return launch(args.nproc, child)
+    try:
+        config = load_tokenizer_experiment(args.config, args.overrides)
+        from mvar_dist.tokenizer_training.trainer import TokenizerTrainer
+
+        return TokenizerTrainer(config).run()
+    except ConfigError:
+        if launched_rank() != 0:  # rank 0 says it; the others find the same problem and exit alike
+            return 2
+        raise

@@ -1,0 +1,78 @@
+"""A tokenizer run's checkpoint -> a tokenizer others can load (``mvar-dist export`` on a run
+whose config says ``kind: tokenizer``):
+
+- ``tokenizer.safetensors``: the weights with the architecture in the file's metadata, so
+  ``mvar-dist prep --tokenizer`` and :func:`mvar_dist.tokenizer.load_tokenizer` need nothing else;
+- ``vae.pth``: the released ``vae_ch160v4096z32.pth`` layout (our keys in the released order,
+  plus ``quantize.ema_vocab_hit_SV``, the per-scale code-usage average), which the released
+  VAR/MVAR code loads strictly;
+- ``config.json``: the architecture, the tokenizer's identity hash and a training summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mvar_dist.atomic import write_json, write_via_temp
+from mvar_dist.run_dir import RunDir
+from mvar_dist.tokenizer import MultiScaleVQVAE
+from mvar_dist.tokenizer_training.config import tokenizer_experiment_from_dict
+from mvar_dist.training.export import consolidate
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS = "tokenizer.safetensors"
+RELEASED = "vae.pth"
+CONFIG = "config.json"
+FORMAT = "mvar-dist-tokenizer-export/1"
+USAGE_KEY = "quantize.ema_vocab_hit_SV"
+
+
+def is_tokenizer_run(run_dir: str | Path) -> bool:
+    """True when the run's newest checkpoint was written by tokenizer training."""
+    point = RunDir(Path(run_dir)).read_latest()
+    return point is not None and point.run_state.get("config", {}).get("kind") == "tokenizer"
+
+
+def released_state_dict(model: MultiScaleVQVAE, usage: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Our state dict with the usage buffer where the released file has it (before quant_resi)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("quantize.") and USAGE_KEY not in out:
+            out[USAGE_KEY] = usage.float().contiguous()
+        out[key] = value.detach().cpu().contiguous()
+    return out
+
+
+def export_tokenizer_run(run_dir: str | Path, out_dir: str | Path, tag: str = "latest") -> dict[str, Path]:
+    """Write the three files of the module docstring into ``out_dir``; returns their paths."""
+    run = RunDir(Path(run_dir))
+    tag = run.resolve_tag(tag)
+    point = run.read_resume_point(tag)
+    config = tokenizer_experiment_from_dict(point.run_state["config"])
+    model = MultiScaleVQVAE(**config.tokenizer.architecture())
+    state = consolidate(run.checkpoints, tag)
+    model.load_state_dict(state, strict=True)
+    rank_state = torch.load(run.rank_file(tag, 0), map_location="cpu", weights_only=True)
+    usage = rank_state["codebook"]["ema"].float()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).unlink(missing_ok=True)  # an interrupted re-export must not look complete
+    paths = {"safetensors": model.save(out / SAFETENSORS), "released": out / RELEASED, "config": out / CONFIG}
+    released = released_state_dict(model, usage)
+    write_via_temp(paths["released"], lambda tmp: torch.save(released, tmp))
+    metadata: dict[str, Any] = {
+        "format": FORMAT,
+        "architecture": config.tokenizer.architecture(),
+        "identity": model.identity(),
+        "files": {"safetensors": SAFETENSORS, "released": RELEASED},
+        "training": {"run_dir": str(run.path.resolve()), "checkpoint_tag": tag, "steps": point.step,
+                     "mlflow_run_id": point.run_state.get("mlflow_run_id")},
+    }
+    write_json(paths["config"], metadata, indent=2)  # last: its presence marks a complete export
+    logger.info("exported tokenizer %s to %s", run.tag_dir(tag), out)
+    return paths
