@@ -38,7 +38,34 @@ def test_tiny_config_loads_with_overrides():
     assert config.model.depth == 2 and config.model.embed_dim == 64
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def experiment_configs() -> list[Path]:
+    from mvar_dist.tokenizer_training.config import is_tokenizer_file
+
+    return [p for p in sorted(CONFIGS.glob("*.yaml")) if not is_tokenizer_file(p)]
+
+
+def tokenizer_configs() -> list[Path]:
+    from mvar_dist.tokenizer_training.config import is_tokenizer_file
+
+    return [p for p in sorted(CONFIGS.glob("*.yaml")) if is_tokenizer_file(p)]
+
+
+@pytest.mark.parametrize("path", tokenizer_configs(), ids=lambda p: p.stem)
+def test_every_shipped_tokenizer_config_loads_and_validates(path, tmp_path):
+    from mvar_dist.tokenizer_training.config import load_tokenizer_experiment, validate_tokenizer_experiment
+
+    config = load_tokenizer_experiment(path, [f"data.train={tmp_path}"])
+    world = 2 if "cpu" in path.stem else 8
+    config.data.val = None if config.data.val is None else str(tmp_path)
+    for name in ("vgg_weights", "lpips_weights"):  # weight files are not in the repository
+        if getattr(config.loss, name):
+            setattr(config.loss, name, str(path))
+    validate_tokenizer_experiment(config, world)
+    with pytest.raises(ConfigError, match="mvar-dist train-tokenizer"):
+        load_config(path)  # the transformer's loader points to the right command
+
+
+@pytest.mark.parametrize("path", experiment_configs(), ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_its_batch_divides(path):
     config = load_config(path)
     world = 8 if path.stem.startswith(("mvar_", "var_")) else 2  # published recipes: 8 GPUs; CPU ones: 2 ranks

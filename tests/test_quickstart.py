@@ -37,6 +37,17 @@ def test_embedded_experiment_builds_for_both_modes(tmp_path, mode):
     assert config.tracking.uri == paths.tracking_uri and config.tracking.experiment == "quickstart"
 
 
+@pytest.mark.parametrize("tokenizer_kind", ["patch", "vqvae"])
+def test_a_rerun_with_more_steps_continues_the_same_experiment(tmp_path, tokenizer_kind):
+    from mvar_dist.config import incompatible_keys
+
+    paths = QuickstartPaths(tmp_path / "qs", tokenizer_kind)
+    short, longer = experiment(paths, steps=4), experiment(paths, steps=300)  # warmups 0 and 50
+    assert short["optim"]["warmup_steps"] != longer["optim"]["warmup_steps"]
+    assert incompatible_keys(short, longer) == []
+    assert incompatible_keys(short, experiment(paths, steps=4, seed=1)) == ["data.seed", "run.seed"]
+
+
 def run_quickstart_cli(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "mvar_dist", "quickstart", "--out", str(out), *args]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TOKENIZER, write_tiny_images
+from conftest import TINY_CLASSES, TINY_TOKENIZER, write_tiny_images
 from test_train import TINY, metric_history, model_states, ok, run_train
 
 from mvar_dist.config import ConfigError, load_config, validate
@@ -30,7 +30,8 @@ def val_manifest(tiny_codes, tmp_path_factory) -> Path:
     tokenizer = MultiScaleVQVAE(**TINY_TOKENIZER)
     tokenizer.load_state_dict(torch.load(tiny_codes.tokenizer, weights_only=True))
     write_tiny_images(base / "images", VAL_CLASSES, VAL_PER_CLASS, seed=1)
-    source = sources.list_class_folder(base / "images")
+    # the train split's class list, as `mvar-dist prep --classes-from` gives it: labels must match
+    source = sources.list_class_folder(base / "images", classes=tuple(f"class{c}" for c in range(TINY_CLASSES)))
     shard_dataset(source, base / "out", tokenizer, name="tiny", split="val", shard_size=4, batch_size=64, progress=False)
     return Path(merge_manifest(base / "out", "val"))
 

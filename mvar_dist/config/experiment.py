@@ -64,7 +64,8 @@ class ExperimentConfig:
 # seed, the manifest check the tokenizer's weights, and init_from is not read on resume. How
 # damaged shards are treated (bad_data, max_bad_fraction) may change after a run stopped on them.
 RESUMABLE_CHANGES: tuple[str, ...] = (
-    "run.dir", "train.total_steps", "train.log_every", "train.max_consecutive_nonfinite", "train.init_from",
+    # the lr is computed from the step count and the schedule's keys before every step
+    "run.dir", "train.total_steps", "optim.warmup_steps", "train.log_every", "train.max_consecutive_nonfinite", "train.init_from",
     "train.val_every_steps", "train.val_max_batches",
     # how the same math is computed: activations recomputed or not, blocks compiled or not
     "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile",
@@ -116,6 +117,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML or TOML experiment file, apply ``key=value`` overrides, build (types checked)."""
     raw = read_config_file(path, overrides)
+    if raw.get("kind") == "tokenizer":  # tokenizer experiments have their own sections and command
+        raise ConfigError(f"{path} is a tokenizer experiment (kind: tokenizer): run it with mvar-dist train-tokenizer")
     try:
         return build(ExperimentConfig, raw, "")
     except ConfigError as err:

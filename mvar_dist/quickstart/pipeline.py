@@ -226,6 +226,9 @@ def run_quickstart(out: Path, mode: Mode = "mvar", steps: int = DEFAULT_STEPS, s
     clock = StageClock()
     with clock.stage("digits", f"sklearn digits -> {paths.digits}"):
         write_digits_image_folder(paths.digits, image_size=IMAGE_SIZE, val_size=VAL_SIZE, seed=0)
+    if raw["tracking"]["uri"] == paths.tracking_uri:  # our own store, not an overridden server
+        # before any run starts (the VQVAE's comes first): MLflow's default puts artifacts in ./mlruns
+        create_experiment(paths.tracking_uri, raw["tracking"]["experiment"], paths.out / "mlartifacts")
     tokenizer_report: dict[str, Any] = {}
     if tokenizer_kind == "vqvae":
         with clock.stage("tokenizer", f"train a multi-scale VQVAE on {nproc} CPU ranks -> {paths.tokenizer}"):
@@ -244,8 +247,6 @@ def run_quickstart(out: Path, mode: Mode = "mvar", steps: int = DEFAULT_STEPS, s
         done = finished_checkpoint_step(raw, int(raw["train"]["total_steps"]))
         if done is None:
             write_experiment(paths.experiment_file(mode), raw)
-            if raw["tracking"]["uri"] == paths.tracking_uri:  # our own store, not an overridden server
-                create_experiment(paths.tracking_uri, raw["tracking"]["experiment"], paths.out / "mlartifacts")
             with TrainingProgress(run_dir, int(raw["train"]["total_steps"])):
                 train(paths.experiment_file(mode), nproc)
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+from mvar_dist.config.deepspeed_templates import read_template
 from mvar_dist.config.loading import ConfigError, build, plain, read_config_file
 from mvar_dist.config.sections import (
     CheckpointConfig,
@@ -124,7 +125,8 @@ class TokenizerExperiment:
 
 # what a resumed tokenizer run may change; everything else defines the run
 RESUMABLE_CHANGES = (
-    "run.dir", "train.total_steps", "train.log_every", "train.max_consecutive_nonfinite", "train.val_every_steps",
+    "run.dir", "train.total_steps", "optim.warmup_steps", "train.log_every", "train.max_consecutive_nonfinite",
+    "train.val_every_steps",
     "train.val_max_batches", "train.grid_images", "tokenizer.init_from", "checkpoint", "tracking", "debug", "launch",
     "data.num_workers", "data.train", "data.val", "data.bad_data", "data.max_bad_fraction", "loss.vgg_weights",
     "loss.lpips_weights", "codebook.warn_usage_below",
@@ -207,9 +209,18 @@ def validate_tokenizer_experiment(config: TokenizerExperiment, world_size: int) 
             raise ConfigError(f"loss.{name}: file {value} does not exist")
     if loss.gan_start_step < 0 or loss.disc_channels < 1 or loss.disc_layers < 1:
         raise ConfigError("loss.gan_start_step must be >= 0, loss.disc_channels and loss.disc_layers >= 1")
-    if loss.gan and loss.adaptive_gan_weight and config.deepspeed.template.startswith("zero3"):
-        raise ConfigError("loss.adaptive_gan_weight needs the decoder's last layer whole on every rank: "
-                          "use deepspeed.template zero1 or zero2, or loss.adaptive_gan_weight=false")
+    deepspeed = config.deepspeed
+    if deepspeed.precision != "fp32":
+        # DeepSpeed casts the whole VQVAE to 16 bits, and nearest-code search in 16-bit distances
+        # picks wrong codes; the network is small, so fp32 costs little
+        raise ConfigError(f"deepspeed.precision={deepspeed.precision}: tokenizer training runs in fp32 "
+                          "(set deepspeed.precision=fp32)")
+    if Path(deepspeed.template).stem.startswith("zero3"):
+        # the adaptive GAN weight needs the decoder's last layer whole and the validation grid runs
+        # the model on rank 0 alone, outside DeepSpeed's gathering forward
+        raise ConfigError(f"deepspeed.template={deepspeed.template}: tokenizer training supports ZeRO stages 1 "
+                          "and 2 (zero1, zero2); the VQVAE's weights fit on every GPU")
+    read_template(deepspeed.template, deepspeed.precision)
     for name in ("lr", "eps"):
         _finite(f"optim.{name}", getattr(optim, name), 0.0, strict=True)
     if optim.disc_lr is not None:
@@ -231,6 +242,8 @@ def validate_tokenizer_experiment(config: TokenizerExperiment, world_size: int) 
             raise ConfigError(f"checkpoint.{name} must be >= 1, got {getattr(config.checkpoint, name)}")
     if config.tokenizer.init_from and not Path(config.tokenizer.init_from).is_file():
         raise ConfigError(f"tokenizer.init_from: file {config.tokenizer.init_from} does not exist")
+    if not config.data.train:
+        raise ConfigError("data.train is empty: name the training images (a folder, .tar shards or a list)")
     try:
         config.data.validate()
         architecture = TokenizerConfig(**config.tokenizer.architecture())

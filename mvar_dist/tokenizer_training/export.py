@@ -4,8 +4,10 @@ whose config says ``kind: tokenizer``):
 - ``tokenizer.safetensors``: the weights with the architecture in the file's metadata, so
   ``mvar-dist prep --tokenizer`` and :func:`mvar_dist.tokenizer.load_tokenizer` need nothing else;
 - ``vae.pth``: the released ``vae_ch160v4096z32.pth`` layout (our keys in the released order,
-  plus ``quantize.ema_vocab_hit_SV``, the per-scale code-usage average), which the released
-  VAR/MVAR code loads strictly;
+  plus ``quantize.ema_vocab_hit_SV``), which the released VAR/MVAR code loads strictly. VAR's
+  buffer averages each scale's code hits per forward pass over all ranks (counts, which its usage
+  report compares with a threshold in counts), so our average hit rates are written as the
+  counts they stand for: rate x images per forward (micro batch x ranks) x the scale's tokens;
 - ``config.json``: the architecture, the tokenizer's identity hash and a training summary.
 """
 
@@ -38,6 +40,12 @@ def is_tokenizer_run(run_dir: str | Path) -> bool:
     return point is not None and point.run_state.get("config", {}).get("kind") == "tokenizer"
 
 
+def usage_as_counts(rates: torch.Tensor, patch_nums: tuple[int, ...], images_per_forward: int) -> torch.Tensor:
+    """Average hit rates (S, V), each row summing to 1, as VAR's average hits per forward pass."""
+    tokens = torch.tensor([images_per_forward * pn * pn for pn in patch_nums], dtype=torch.float64)
+    return (rates.double() * tokens[:, None]).float()
+
+
 def released_state_dict(model: MultiScaleVQVAE, usage: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our state dict with the usage buffer where the released file has it (before quant_resi)."""
     out: dict[str, torch.Tensor] = {}
@@ -58,7 +66,8 @@ def export_tokenizer_run(run_dir: str | Path, out_dir: str | Path, tag: str = "l
     state = consolidate(run.checkpoints, tag)
     model.load_state_dict(state, strict=True)
     rank_state = torch.load(run.rank_file(tag, 0), map_location="cpu", weights_only=True)
-    usage = rank_state["codebook"]["ema"].float()
+    images_per_forward = config.train.micro_batch_size * int(point.run_state["world_size"])
+    usage = usage_as_counts(rank_state["codebook"]["ema"], tuple(config.tokenizer.patch_nums), images_per_forward)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).unlink(missing_ok=True)  # an interrupted re-export must not look complete

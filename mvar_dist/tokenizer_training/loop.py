@@ -131,7 +131,8 @@ class TokenizerLoop:
             start = time.perf_counter()
             sums, counts, targets, images = self._step(step, batches)
             applied = self.generator.was_step_applied()
-            flags = torch.tensor([float(not applied), float(self.stop.requested), float(images)], dtype=torch.float64)
+            flags = torch.tensor([float(not applied), float(self.stop.requested), float(images),
+                                  float(self.loader.num_skipped)], dtype=torch.float64)
             if dist.is_initialized():
                 packed = torch.cat([sums, flags])
                 dist.all_reduce(packed)
@@ -142,7 +143,7 @@ class TokenizerLoop:
             metrics.update(self.usage.update(counts))
             step_time = time.perf_counter() - start
             metrics.update({"lr": lr, "images_per_s": float(flags[2]) / max(step_time, 1e-9), "step_time_s": step_time,
-                            "peak_memory_mb": peak_memory_mb(self.device), "skipped_samples": float(self.loader.num_skipped)})
+                            "peak_memory_mb": peak_memory_mb(self.device), "skipped_samples": float(flags[3])})
             if metrics["codebook/usage"] < cfg.codebook.warn_usage_below:
                 logger.warning("step %d: only %.1f%% of the codes were used (codebook collapse?)", step,
                                100 * metrics["codebook/usage"])

@@ -125,7 +125,10 @@ class TokenizerTrainer:
         step, rank_state = 0, None
         if point is not None:
             rank_state = checkpoints.load_checkpoint(generator, self.run_dir, point, others)
-            loader.load_state_dict(rank_state["loader"])
+            try:
+                loader.load_state_dict(rank_state["loader"])
+            except ValueError as err:  # other images or seed than the checkpoint's position counts in
+                raise ConfigError(f"cannot resume {self.run_dir.tag_dir(point.tag)}: {err}") from None
             step = point.step
             logger.info("resumed from %s at step %d", point.tag, step)
         tracker = run_setup.start_tracking(self.config_dict, self.run_dir, self.config.tracking, point, self.rank,
