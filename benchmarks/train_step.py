@@ -105,8 +105,11 @@ def measure(args: argparse.Namespace) -> dict:
 
     refine_steps = model.layout.num_scales - config.model.refine_step
     cycle = list(range(1, 9)) + [9 + i for i in range(refine_steps)] if schedule == "paper" else [1]
-    for step in (cycle[0], *cycle[8:]) if schedule == "paper" else (cycle[0],):
-        one_step(step)  # warm-up: allocator, DeepSpeed buffers, and compilation of every group's shapes
+    # warm-up: allocator, DeepSpeed buffers, and compilation of every group's shapes; compiled
+    # blocks get a second round, since a shape seen again after others may be recompiled as dynamic
+    for _ in range(2 if compiled else 1):
+        for step in (cycle[0], *cycle[8:]) if schedule == "paper" else (cycle[0],):
+            one_step(step)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _current_rss_mb()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from mvar_dist.commands.reporting import reports
 from mvar_dist.config import ConfigError, load_config, validate
@@ -38,26 +38,35 @@ def launched_rank(environ: Mapping[str, str] | None = None) -> int:
     return 0
 
 
+def launch_or_train(command: str, args: argparse.Namespace, load: Callable[[str, Sequence[str]], Any],
+                    validate_for: Callable[[Any, int], None], trainer: Callable[[Any], Any]) -> int:
+    """``--nproc N``: validate once for N ranks, then spawn N copies of ``mvar-dist <command>``;
+    without it, this process is one rank (of a launcher's or srun's) and trains."""
+    if args.nproc:
+        # checked here, for the world size the ranks will have: a bad config gives one message and no rank
+        validate_for(load(args.config, args.overrides), args.nproc)
+        from mvar_dist.launch.local import launch
+
+        return launch(args.nproc, [sys.executable, "-m", "mvar_dist", command, "--config", args.config, *args.overrides])
+    try:
+        return trainer(load(args.config, args.overrides)).run()
+    except ConfigError:
+        # every rank finds the same problem in the same config: rank 0 says it, the others exit alike
+        if launched_rank() != 0:
+            return 2
+        raise
+
+
 @reports("train", ConfigError, code=2)
 def main(argv: Sequence[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(list(argv))
     if args.nproc < 0:
         parser.error(f"--nproc must be >= 1 (or left out for one rank), got {args.nproc}")
-    if args.nproc:
-        # checked here, for the world size the ranks will have: a bad config gives one message and no rank
-        validate(load_config(args.config, args.overrides), args.nproc)
-        from mvar_dist.launch.local import launch
 
-        child = [sys.executable, "-m", "mvar_dist", "train", "--config", args.config, *args.overrides]
-        return launch(args.nproc, child)
-    try:
-        config = load_config(args.config, args.overrides)
+    def trainer(config: Any) -> Any:
         from mvar_dist.training.trainer import Trainer
 
-        return Trainer(config).run()
-    except ConfigError:
-        # every rank finds the same problem in the same config: rank 0 says it, the others exit alike
-        if launched_rank() != 0:
-            return 2
-        raise
+        return Trainer(config)
+
+    return launch_or_train("train", args, load_config, validate, trainer)

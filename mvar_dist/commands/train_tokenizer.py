@@ -6,11 +6,10 @@ docs/tokenizer_training.md. Export the result with ``mvar-dist export``."""
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from mvar_dist.commands.reporting import reports
-from mvar_dist.commands.train import launched_rank
+from mvar_dist.commands.train import launch_or_train
 from mvar_dist.config import ConfigError
 from mvar_dist.tokenizer_training.config import load_tokenizer_experiment, validate_tokenizer_experiment
 
@@ -30,18 +29,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     if args.nproc < 0:
         parser.error(f"--nproc must be >= 1 (or left out for one rank), got {args.nproc}")
-    if args.nproc:
-        validate_tokenizer_experiment(load_tokenizer_experiment(args.config, args.overrides), args.nproc)
-        from mvar_dist.launch.local import launch
 
-        child = [sys.executable, "-m", "mvar_dist", "train-tokenizer", "--config", args.config, *args.overrides]
-        return launch(args.nproc, child)
-    try:
-        config = load_tokenizer_experiment(args.config, args.overrides)
+    def trainer(config: Any) -> Any:
         from mvar_dist.tokenizer_training.trainer import TokenizerTrainer
 
-        return TokenizerTrainer(config).run()
-    except ConfigError:
-        if launched_rank() != 0:  # rank 0 says it; the others find the same problem and exit alike
-            return 2
-        raise
+        return TokenizerTrainer(config)
+
+    return launch_or_train("train-tokenizer", args, load_tokenizer_experiment, validate_tokenizer_experiment, trainer)

@@ -8,8 +8,6 @@ One file describes an experiment completely; the DeepSpeed JSON is derived from 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from mvar_dist.atomic import write_bytes
+from mvar_dist.config.compatibility import changed_keys, config_hash
 from mvar_dist.config.loading import ConfigError, build, plain, read_config_file
 from mvar_dist.config.sections import (
     CheckpointConfig,
@@ -77,15 +76,14 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
 
 def compatibility_hash(config_dict: Mapping[str, Any]) -> str:
     """Hash of everything a resumed run must share with its checkpoint."""
-    return hashlib.sha256(json.dumps(_fixed_part(config_dict), sort_keys=True).encode()).hexdigest()
+    return config_hash(config_dict, RESUMABLE_CHANGES)
 
 
 def incompatible_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two config dicts, ignoring RESUMABLE_CHANGES. A key
     that did not exist when ``saved`` was written counts as its default (a field added by a later
     version must not make earlier checkpoints unresumable)."""
-    a, b = _flatten(_fixed_part(_with_defaults(saved))), _flatten(_fixed_part(_with_defaults(current)))
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return changed_keys(_with_defaults(saved), _with_defaults(current), RESUMABLE_CHANGES)
 
 
 def _with_defaults(config_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -93,25 +91,6 @@ def _with_defaults(config_dict: Mapping[str, Any]) -> Mapping[str, Any]:
         return config_from_dict(config_dict).to_dict()
     except ConfigError:  # a key this version does not know: compare what is there
         return config_dict
-
-
-def _fixed_part(config_dict: Mapping[str, Any]) -> dict[str, Any]:
-    flat = _flatten(config_dict)
-    return {
-        k: v for k, v in flat.items()
-        if not any(k == key or k.startswith(key + ".") for key in RESUMABLE_CHANGES)
-    }
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value and name.count(".") < 1:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:

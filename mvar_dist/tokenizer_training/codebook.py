@@ -64,8 +64,12 @@ def restart_dead_codes(engine: Any, usage: CodebookUsage, targets: list[torch.Te
     dead = usage.dead()
     if dead.numel() == 0:
         return 0
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param
-    from deepspeed.utils import safe_set_full_optimizer_state
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+    )
 
     pool = torch.cat(targets).detach().float()
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)

@@ -8,13 +8,12 @@ docs/tokenizer_training.md."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+from mvar_dist.config.compatibility import changed_keys, config_hash
 from mvar_dist.config.deepspeed_templates import read_template
 from mvar_dist.config.loading import ConfigError, build, plain, read_config_file
 from mvar_dist.config.sections import (
@@ -151,9 +150,7 @@ def tokenizer_experiment_from_dict(raw: Mapping[str, Any]) -> TokenizerExperimen
 
 
 def compatibility_hash(config: TokenizerExperiment) -> str:
-    flat = _flatten(config.to_dict())
-    fixed = {k: v for k, v in flat.items() if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)}
-    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+    return config_hash(config.to_dict(), RESUMABLE_CHANGES)
 
 
 def incompatible_keys(saved: Mapping[str, Any], current: TokenizerExperiment) -> list[str]:
@@ -162,21 +159,7 @@ def incompatible_keys(saved: Mapping[str, Any], current: TokenizerExperiment) ->
         saved = tokenizer_experiment_from_dict(saved).to_dict()  # fields added later: their defaults
     except ConfigError:
         pass
-    a, b = _flatten(saved), _flatten(current.to_dict())
-    keys = set(a) | set(b)
-    return sorted(k for k in keys if a.get(k) != b.get(k)
-                  and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES))
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value and not prefix:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
+    return changed_keys(saved, current.to_dict(), RESUMABLE_CHANGES)
 
 
 def validate_tokenizer_experiment(config: TokenizerExperiment, world_size: int) -> None:

@@ -23,7 +23,13 @@ from mvar_dist.run_dir import RunDir
 from mvar_dist.tokenizer_training import evaluation
 from mvar_dist.tokenizer_training.codebook import CodebookUsage, restart_dead_codes
 from mvar_dist.tokenizer_training.config import TokenizerExperiment, compatibility_hash
-from mvar_dist.tokenizer_training.losses import adaptive_weight, gan_factor, hinge_d_loss, hinge_g_loss, reconstruction_loss
+from mvar_dist.tokenizer_training.losses import (
+    adaptive_weight,
+    gan_factor,
+    hinge_d_loss,
+    hinge_g_loss,
+    reconstruction_loss,
+)
 from mvar_dist.tracking import Tracker
 from mvar_dist.training import checkpoint as checkpoints
 from mvar_dist.training.evaluation import is_due

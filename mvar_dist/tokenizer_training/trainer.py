@@ -18,7 +18,11 @@ from mvar_dist.run_dir import ResumePoint, RunDir
 from mvar_dist.state_files import load_state_dict_file
 from mvar_dist.tokenizer import MultiScaleVQVAE
 from mvar_dist.tokenizer_training.config import (
-    RESUMABLE_CHANGES, TokenizerExperiment, compatibility_hash, incompatible_keys, validate_tokenizer_experiment,
+    RESUMABLE_CHANGES,
+    TokenizerExperiment,
+    compatibility_hash,
+    incompatible_keys,
+    validate_tokenizer_experiment,
 )
 from mvar_dist.tokenizer_training.discriminator import PatchDiscriminator
 from mvar_dist.tokenizer_training.loop import TokenizerLoop
