@@ -2,7 +2,8 @@
 # Every GPU measurement in one go, in under 8 minutes (each stage has its own timeout; the
 # script goes on past a failed stage): the Triton neighbourhood-attention kernel's correctness
 # (vs the torch path and, if installed, NATTEN) and speed (B64 h16 16x16 d64 bf16, vs masked SDPA
-# and NATTEN), a d16 batch-32 bf16 training step (VAR vs MVAR-all vs MVAR-paper) and d16 batch-32
+# and NATTEN), a d16 batch-32 bf16 training step (VAR vs MVAR-all vs MVAR-paper, and MVAR-all with
+# activation checkpointing) and d16 batch-32
 # sampling (VAR with its KV cache vs MVAR). Writes $GPU_REPORT_DIR/report.json and report.md
 # (default gpu_report/), plus each stage's log.
 # Usage: bash benchmarks/gpu_check.sh            (exit 1 without a CUDA device or if the kernel tests failed)
@@ -27,13 +28,13 @@ stage environment 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_ve
   python -c \"import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); assert torch.cuda.is_available()\""
 # no deps: the machine's CUDA torch and triton are used as they are; natten only as a binary wheel
 # (building it takes tens of minutes), its comparisons are skipped without one
-stage install 90 bash -c "python -c 'import mvar_dist' 2>/dev/null || pip install -q --no-build-isolation --no-deps -e .; \
+stage install 60 bash -c "python -c 'import mvar_dist' 2>/dev/null || pip install -q --no-build-isolation --no-deps -e .; \
   python -c 'import pytest' 2>/dev/null || pip install -q pytest pytest-timeout; \
   python -c 'import natten' 2>/dev/null || pip install -q --no-deps --only-binary=:all: natten || echo 'natten: no binary wheel'"
 stage kernel_tests 120 python -m pytest -q -p no:cacheprovider -m gpu -rs tests/test_triton_kernel.py
 stage kernel_speed 60 python benchmarks/neighborhood_attention.py --grids 16 --skip-memory --json "$OUT/kernel.json"
-stage train_step 120 python benchmarks/train_step.py --depth 16 --batch 32 --precision bf16 \
-  --variants var,mvar-all,mvar-paper --json "$OUT/train_step.json"
+stage train_step 150 python benchmarks/train_step.py --depth 16 --batch 32 --precision bf16 \
+  --variants var,mvar-all,mvar-paper,mvar-all+ckpt --json "$OUT/train_step.json"
 stage sampling 60 python benchmarks/sampling.py --depth 16 --batch 32 --json "$OUT/sampling.json"
 python benchmarks/gpu_report.py "$OUT"
 grep -q "^environment 0 " "$OUT/stages.txt" && grep -q "^kernel_tests 0 " "$OUT/stages.txt"
