@@ -38,10 +38,14 @@ def launched_rank(environ: Mapping[str, str] | None = None) -> int:
     return 0
 
 
-def launch_or_train(command: str, args: argparse.Namespace, load: Callable[[str, Sequence[str]], Any],
-                    validate_for: Callable[[Any, int], None], trainer: Callable[[Any], Any]) -> int:
+def launch_or_train(command: str, parser: argparse.ArgumentParser, argv: Sequence[str],
+                    load: Callable[[str, Sequence[str]], Any], validate_for: Callable[[Any, int], None],
+                    trainer: Callable[[Any], Any]) -> int:
     """``--nproc N``: validate once for N ranks, then spawn N copies of ``mvar-dist <command>``;
     without it, this process is one rank (of a launcher's or srun's) and trains."""
+    args = parser.parse_args(list(argv))
+    if args.nproc < 0:
+        parser.error(f"--nproc must be >= 1 (or left out for one rank), got {args.nproc}")
     if args.nproc:
         # checked here, for the world size the ranks will have: a bad config gives one message and no rank
         validate_for(load(args.config, args.overrides), args.nproc)
@@ -59,14 +63,9 @@ def launch_or_train(command: str, args: argparse.Namespace, load: Callable[[str,
 
 @reports("train", ConfigError, code=2)
 def main(argv: Sequence[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(list(argv))
-    if args.nproc < 0:
-        parser.error(f"--nproc must be >= 1 (or left out for one rank), got {args.nproc}")
-
     def trainer(config: Any) -> Any:
         from mvar_dist.training.trainer import Trainer
 
         return Trainer(config)
 
-    return launch_or_train("train", args, load_config, validate, trainer)
+    return launch_or_train("train", build_parser(), argv, load_config, validate, trainer)

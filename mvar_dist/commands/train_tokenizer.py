@@ -25,14 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @reports("train-tokenizer", ConfigError, code=2)
 def main(argv: Sequence[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(list(argv))
-    if args.nproc < 0:
-        parser.error(f"--nproc must be >= 1 (or left out for one rank), got {args.nproc}")
-
     def trainer(config: Any) -> Any:
         from mvar_dist.tokenizer_training.trainer import TokenizerTrainer
 
         return TokenizerTrainer(config)
 
-    return launch_or_train("train-tokenizer", args, load_tokenizer_experiment, validate_tokenizer_experiment, trainer)
+    return launch_or_train("train-tokenizer", build_parser(), argv, load_tokenizer_experiment,
+                           validate_tokenizer_experiment, trainer)
