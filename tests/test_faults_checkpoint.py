@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_train import REPO, RUN_TIMEOUT, latest_step, model_states, ok, run_train, train_command
 
 STEPS = ["checkpoint.every_steps=2", "checkpoint.keep_last=3"]

@@ -77,3 +77,30 @@ def test_validation_shards_with_another_class_list_are_refused(tiny_codes, tmp_p
     assert result.returncode == 2
     assert "index 1" in result.stderr and "not_class1" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_on_shards_with_another_sample_count_is_refused_in_one_line(tiny_codes, tmp_path):
+    """data.train_manifest may move on resume, but the loader's position only means something for
+    the same samples: other shards are refused with the reason, not a traceback."""
+    import torch
+    from conftest import TINY_TOKENIZER, write_tiny_images
+
+    from mvar_dist.data_prep import sources
+    from mvar_dist.data_prep.merge import merge_manifest
+    from mvar_dist.data_prep.shard import shard_dataset
+    from mvar_dist.tokenizer import MultiScaleVQVAE
+
+    tokenizer = MultiScaleVQVAE(**TINY_TOKENIZER)
+    tokenizer.load_state_dict(torch.load(tiny_codes.tokenizer, weights_only=True))
+    write_tiny_images(tmp_path / "images", 4, 5, seed=2)  # same classes, 20 samples instead of 48
+    source = sources.list_class_folder(tmp_path / "images")
+    shard_dataset(source, tmp_path / "other", tokenizer, name="tiny", split="train", shard_size=8, batch_size=64,
+                  progress=False)
+    other = merge_manifest(tmp_path / "other", "train")
+    run_dir = tmp_path / "run"
+    ok(run_train(tiny_codes, run_dir, "train.total_steps=2", "checkpoint.every_steps=2", nproc=0))
+    result = run_train(tiny_codes, run_dir, "train.total_steps=4", f"data.train_manifest={other}", nproc=0)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "cannot resume" in result.stderr and "20 samples" in result.stderr
+    assert latest_step(run_dir) == 2

@@ -56,8 +56,8 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
     _validate_eval(config)
     _validate_sample(config.sample, config.model.num_classes)
     _validate_data(config.data)
-    _finite_at_least("tracking.timeout_s", config.tracking.timeout_s, 0.0, strict=True)
-    _finite_at_least("tracking.retry_interval_s", config.tracking.retry_interval_s, 0.0, strict=False)
+    finite_at_least("tracking.timeout_s", config.tracking.timeout_s, 0.0, strict=True)
+    finite_at_least("tracking.retry_interval_s", config.tracking.retry_interval_s, 0.0, strict=False)
     # the engine reads the template after distributed init: a bad name would fail every rank there
     read_template(config.deepspeed.template, config.deepspeed.precision)
     for name, value in (("train.init_from", train.init_from), ("tokenizer.checkpoint", config.tokenizer.checkpoint)):
@@ -79,7 +79,7 @@ def _validate_eval(config: ExperimentConfig) -> None:
         )
 
 
-def _finite_at_least(name: str, value: float, low: float, strict: bool, note: str = "") -> None:
+def finite_at_least(name: str, value: float, low: float, strict: bool, note: str = "") -> None:
     """NaN fails every comparison, so ``value <= 0`` alone would let it through."""
     if not math.isfinite(value) or value < low or (strict and value == low):
         raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}{note}, got {value}")
@@ -92,23 +92,23 @@ def _validate_optim(optim: OptimConfig, total_steps: int) -> None:
             f"optim.warmup_steps must be in 0..train.total_steps-1 ({total_steps - 1}), got {optim.warmup_steps}"
         )
     if optim.lr is not None:
-        _finite_at_least("optim.lr", optim.lr, 0.0, strict=True)
-    _finite_at_least("optim.base_lr", optim.base_lr, 0.0, strict=True)
+        finite_at_least("optim.lr", optim.lr, 0.0, strict=True)
+    finite_at_least("optim.base_lr", optim.base_lr, 0.0, strict=True)
     for i, beta in enumerate(optim.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"optim.betas[{i}] must be in [0, 1), got {beta}")
-    _finite_at_least("optim.eps", optim.eps, 0.0, strict=True)
+    finite_at_least("optim.eps", optim.eps, 0.0, strict=True)
     for name in ("warmup_start", "final_lr_ratio"):  # fractions of the peak lr
         value = getattr(optim, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"optim.{name} must be in [0, 1], got {value}")
-    _finite_at_least("optim.grad_clip", optim.grad_clip, 0.0, strict=False, note=" (0 disables clipping)")
-    _finite_at_least("optim.weight_decay", optim.weight_decay, 0.0, strict=False)
+    finite_at_least("optim.grad_clip", optim.grad_clip, 0.0, strict=False, note=" (0 disables clipping)")
+    finite_at_least("optim.weight_decay", optim.weight_decay, 0.0, strict=False)
 
 
 def _validate_sample(sample: SampleConfig, num_classes: int) -> None:
     """The settings published with the model and used by grids: checked whether a grid is due or not."""
-    _finite_at_least("sample.cfg", sample.cfg, 0.0, strict=False)
+    finite_at_least("sample.cfg", sample.cfg, 0.0, strict=False)
     if not 0.0 <= sample.top_p <= 1.0:
         raise ConfigError(f"sample.top_p must be in [0, 1], got {sample.top_p}")
     if sample.top_k < 0:

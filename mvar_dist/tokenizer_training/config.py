@@ -8,7 +8,6 @@ docs/tokenizer_training.md."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -24,6 +23,7 @@ from mvar_dist.config.sections import (
     RunConfig,
     TrackingConfig,
 )
+from mvar_dist.config.validation import finite_at_least
 from mvar_dist.data.images import ImageDataConfig
 from mvar_dist.scales import DEFAULT_PATCH_NUMS
 from mvar_dist.tokenizer.vqvae import TokenizerConfig
@@ -180,7 +180,7 @@ def validate_tokenizer_experiment(config: TokenizerExperiment, world_size: int) 
     if train.val_every_steps and not config.data.val:
         raise ConfigError(f"train.val_every_steps={train.val_every_steps} needs data.val (held-out images)")
     for name in ("l1", "l2", "vq", "beta", "perceptual", "gan"):
-        _finite(f"loss.{name}", getattr(loss, name), 0.0, strict=False)
+        finite_at_least(f"loss.{name}", getattr(loss, name), 0.0, strict=False)
     if loss.l1 == loss.l2 == loss.perceptual == 0:
         raise ConfigError("loss.l1, loss.l2 and loss.perceptual are all 0: nothing makes the decoder reconstruct")
     if loss.perceptual and not loss.vgg_weights:
@@ -205,14 +205,14 @@ def validate_tokenizer_experiment(config: TokenizerExperiment, world_size: int) 
                           "and 2 (zero1, zero2); the VQVAE's weights fit on every GPU")
     read_template(deepspeed.template, deepspeed.precision)
     for name in ("lr", "eps"):
-        _finite(f"optim.{name}", getattr(optim, name), 0.0, strict=True)
+        finite_at_least(f"optim.{name}", getattr(optim, name), 0.0, strict=True)
     if optim.disc_lr is not None:
-        _finite("optim.disc_lr", optim.disc_lr, 0.0, strict=True)
+        finite_at_least("optim.disc_lr", optim.disc_lr, 0.0, strict=True)
     for index, beta in enumerate(optim.betas):
         if not 0.0 <= beta < 1.0:
             raise ConfigError(f"optim.betas[{index}] must be in [0, 1), got {beta}")
-    _finite("optim.weight_decay", optim.weight_decay, 0.0, strict=False)
-    _finite("optim.grad_clip", optim.grad_clip, 0.0, strict=False)
+    finite_at_least("optim.weight_decay", optim.weight_decay, 0.0, strict=False)
+    finite_at_least("optim.grad_clip", optim.grad_clip, 0.0, strict=False)
     if not 0 <= optim.warmup_steps < train.total_steps:
         raise ConfigError(f"optim.warmup_steps must be in 0..{train.total_steps - 1}, got {optim.warmup_steps}")
     book = config.codebook
@@ -238,9 +238,4 @@ def validate_tokenizer_experiment(config: TokenizerExperiment, world_size: int) 
             )
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    _finite("tracking.timeout_s", config.tracking.timeout_s, 0.0, strict=True)
-
-
-def _finite(name: str, value: float, low: float, strict: bool) -> None:
-    if not math.isfinite(value) or value < low or (strict and value == low):
-        raise ConfigError(f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value}")
+    finite_at_least("tracking.timeout_s", config.tracking.timeout_s, 0.0, strict=True)

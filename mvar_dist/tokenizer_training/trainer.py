@@ -129,10 +129,7 @@ class TokenizerTrainer:
         step, rank_state = 0, None
         if point is not None:
             rank_state = checkpoints.load_checkpoint(generator, self.run_dir, point, others)
-            try:
-                loader.load_state_dict(rank_state["loader"])
-            except ValueError as err:  # other images or seed than the checkpoint's position counts in
-                raise ConfigError(f"cannot resume {self.run_dir.tag_dir(point.tag)}: {err}") from None
+            run_setup.restore_loader(loader, rank_state["loader"], self.run_dir, point)
             step = point.step
             logger.info("resumed from %s at step %d", point.tag, step)
         tracker = run_setup.start_tracking(self.config_dict, self.run_dir, self.config.tracking, point, self.rank,
@@ -143,14 +140,6 @@ class TokenizerTrainer:
             loop.restore(point.run_state, rank_state)
         tracker.set_tags({"mvar_dist.world_size": self.world, "mvar_dist.kind": "tokenizer",
                           "mvar_dist.start_step": step})
-        self.stop.install()
-        if rank_state is not None:  # last: nothing between here and the first step draws from the generators
-            checkpoints.set_rng_states(rank_state["rng"], device)
-        else:
-            checkpoints.seed_all(self.config.run.seed * 1000 + self.rank + 1)
-        status = "FAILED"
-        try:
-            status = loop.run(step)
-        finally:
-            tracker.finish(status)
-        return 0 if status in ("FINISHED", "KILLED") else 1
+        rng = rank_state["rng"] if rank_state is not None else None
+        seed = self.config.run.seed * 1000 + self.rank + 1
+        return run_setup.run_loop(loop, step, tracker, self.stop, rng, seed, device)

@@ -118,3 +118,30 @@ def recorded_run_id(run_dir: RunDir, tracking_uri: str | None) -> str | None:
     if record is None or record.tracking_uri != resolve_tracking_uri(tracking_uri, run_dir.path):
         return None
     return record.run_id
+
+
+def restore_loader(loader: Any, state: Mapping[str, Any], run_dir: RunDir, point: ResumePoint) -> None:
+    """Put the loader where the checkpoint left it. Data locations may change on resume, but a
+    position only means something for the same samples and seed: other data is a user error."""
+    try:
+        loader.load_state_dict(state)
+    except ValueError as err:
+        raise ConfigError(f"cannot resume {run_dir.tag_dir(point.tag)}: {err}; point the data back at the "
+                          "run's own, or start a new run.dir") from None
+
+
+def run_loop(loop: Any, step: int, tracker: Tracker, stop: Any, rng: Any, seed: int, device: torch.device) -> int:
+    """Install the stop handlers, restore (or seed) the random generators last, so that nothing
+    draws from them before the first step, run the loop, and end the MLflow run with its status.
+    Exit code 0 for a finished or stopped run (a stop resumes), 1 otherwise."""
+    stop.install()
+    if rng is not None:
+        checkpoints.set_rng_states(rng, device)
+    else:
+        checkpoints.seed_all(seed)
+    status = "FAILED"
+    try:
+        status = loop.run(step)
+    finally:
+        tracker.finish(status)
+    return 0 if status in ("FINISHED", "KILLED") else 1

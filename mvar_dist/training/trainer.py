@@ -136,7 +136,7 @@ class Trainer:
         step, rng = 0, None
         if point is not None:
             rank_state = checkpoints.load_checkpoint(engine, self.run_dir, point)
-            loader.load_state_dict(rank_state["loader"])
+            run_setup.restore_loader(loader, rank_state["loader"], self.run_dir, point)
             step, rng = point.step, rank_state["rng"]
             logger.info("resumed from %s at step %d", point.tag, step)
         tracker = run_setup.start_tracking(self.config_dict, self.run_dir, self.config.tracking, point, self.rank,
@@ -150,15 +150,5 @@ class Trainer:
             "mvar_dist.schedule": self.config.train.schedule if self.config.model.mode == "mvar" else "var",
             "mvar_dist.start_step": step,
         })
-        self.stop.install()
-        # last, so that nothing between here and the first step draws from the generators
-        if rng is not None:
-            checkpoints.set_rng_states(rng, device)
-        else:
-            checkpoints.seed_all(self.config.run.seed * 1000 + self.rank + 1)  # label drop differs per rank
-        status = "FAILED"
-        try:
-            status = loop.run(step)
-        finally:
-            tracker.finish(status)
-        return 0 if status in ("FINISHED", "KILLED") else 1
+        seed = self.config.run.seed * 1000 + self.rank + 1  # label drop differs per rank
+        return run_setup.run_loop(loop, step, tracker, self.stop, rng, seed, device)
