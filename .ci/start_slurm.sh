@@ -5,11 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 script=../shared/slurm/start_local_slurm.sh
 if [ ! -f "$script" ]; then
-  echo ".ci/extra.sh: $script not found; the SLURM tests need the local cluster" >&2
+  echo ".ci/start_slurm.sh: $script not found; the SLURM tests need the local cluster" >&2
   exit 1
 fi
 if ! bash "$script"; then
-  echo ".ci/extra.sh: starting the local SLURM cluster failed (see the log tails above)" >&2
+  echo ".ci/start_slurm.sh: starting the local SLURM cluster failed (see the log tails above)" >&2
   exit 1
 fi
 sinfo

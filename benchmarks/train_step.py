@@ -3,7 +3,7 @@ and what activation checkpointing (``+ckpt``: every block recomputed) and ``torc
 (``+compile``: the blocks compiled) buy.
 
 Same model size, same global batch, the real DeepSpeed engine and
-``mvar_dist.training.step.train_step`` (one rank). Each variant runs in its own process so that
+``mvar_dist.training.task.train_step`` (one rank). Each variant runs in its own process so that
 peak memory is its own. Reported:
 
 - time per image with *all scales covered*: VAR and ``all`` cover every scale of every image in
@@ -66,9 +66,10 @@ def measure(args: argparse.Namespace) -> dict:
 
     from mvar_dist.model import MVAR
     from mvar_dist.tokenizer import MultiScaleVQVAE
-    from mvar_dist.training.engine import build_engine
+    from mvar_dist.training.optimizer import build_engine
     from mvar_dist.training.schedule import step_groups
-    from mvar_dist.training.step import ScaleStats, train_step
+    from mvar_dist.training.losses import ScaleStats
+    from mvar_dist.training.task import train_step
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", init_method="env://")
@@ -157,7 +158,7 @@ def main() -> None:
     if args.variant:
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
-    from mvar_dist.training.distributed import free_port
+    from mvar_dist.runtime.distributed import free_port
 
     rows = []
     for variant in args.variants.split(","):

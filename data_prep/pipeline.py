@@ -99,10 +99,14 @@ def prep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes-from", help="class folder or manifest whose class list to use (give val the train classes)")
     parser.add_argument("--tokenizer", help="tokenizer checkpoint (.pth or .safetensors)")
     # architecture flags default to the released tokenizer, or to what a .safetensors file records
-    parser.add_argument("--vocab-size", type=int, default=None, help="default 4096")
-    parser.add_argument("--z-channels", type=int, default=None, help="default 32")
-    parser.add_argument("--ch", type=int, default=None, help="default 160")
-    parser.add_argument("--patch-nums", type=_patch_nums, default=None, help="default 1,2,3,4,5,6,8,10,13,16")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="codebook size (default: what a .safetensors tokenizer records, else 4096)")
+    parser.add_argument("--z-channels", type=int, default=None,
+                        help="latent channels (default: what a .safetensors tokenizer records, else 32)")
+    parser.add_argument("--ch", type=int, default=None,
+                        help="base channels (default: what a .safetensors tokenizer records, else 160)")
+    parser.add_argument("--patch-nums", type=_patch_nums, default=None,
+                        help="scales (default: what a .safetensors tokenizer records, else 1,2,3,4,5,6,8,10,13,16)")
     parser.add_argument(
         "--tokenizer-options", type=json.loads, default={},
         help='more MultiScaleVQVAE kwargs as JSON, e.g. \'{"ch_mult": [1, 2]}\'',
@@ -112,9 +116,11 @@ def prep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--decode-threads", type=int, default=None, help="JPEG decoding threads (default min(8, cpus))")
     parser.add_argument("--order-seed", type=int, default=0, help="seed of the image order across shards (classes mix)")
-    parser.add_argument("--task-id", type=int, default=int(env.get("SLURM_ARRAY_TASK_ID", 0)))
-    parser.add_argument("--num-tasks", type=int, default=int(env.get("SLURM_ARRAY_TASK_COUNT", 1)))
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--task-id", type=int, default=int(env.get("SLURM_ARRAY_TASK_ID", 0)),
+                        help="this task's index among --num-tasks (default: $SLURM_ARRAY_TASK_ID, else 0)")
+    parser.add_argument("--num-tasks", type=int, default=int(env.get("SLURM_ARRAY_TASK_COUNT", 1)),
+                        help="tasks that share the shards (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return parser
 
 

@@ -3,8 +3,10 @@
 MVAR's code caches the tokenizer's codes of each ImageNet image and of its horizontal flip
 (``main_cache.py``) after ADM's ``center_crop_arr`` (guided-diffusion, also used by DiT/MAR):
 
-1. decode with PIL and convert to RGB (16-bit grayscale, PIL modes ``I;16*`` and ``I``, is first
-   scaled to 8 bits as ``round(v / 257)``: PIL's own conversion clips it, turning most of it white);
+1. decode with PIL and convert to 8-bit RGB by :mod:`mvar_dist.image_decoding`, the rules the
+   tokenizer-training loader uses too (16-bit grayscale, PIL modes ``I;16*`` and ``I``, is first
+   scaled to 8 bits as ``round(v / 257)``: PIL's own conversion clips it, turning most of it white;
+   EXIF orientation is not applied, as in torchvision's and VAR's loaders);
 2. while the shorter side is >= 2 * size: halve both sides with ``Image.BOX`` (exact 2x2 area
    averaging, i.e. antialiased; integer division of odd sides);
 3. resize so that the shorter side is ``size`` with ``Image.BICUBIC`` (PIL's resize filters
@@ -30,11 +32,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mvar_dist.image_decoding import MAX_ASPECT_RATIO, open_rgb, to_rgb
+
 RECIPE_NAME = "adm_center_crop"
-# Generous for photographs; bounds step 3's image to MAX_ASPECT_RATIO * size**2 pixels
-# (3.3M at size 256) whatever the input.
-MAX_ASPECT_RATIO = 50
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older PIL reads 16-bit PNGs
 
 
 def recipe(size: int) -> dict[str, Any]:
@@ -68,15 +68,6 @@ def check_shape(width: int, height: int, size: int) -> None:
         )
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """``image.convert('RGB')``, but 16-bit grayscale is scaled to 8 bits (round(v / 257)) first
-    instead of clipped at 255. Mode ``I`` is taken as 16-bit, clipped to [0, 65535]."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        image = Image.fromarray(((values + 128) // 257).astype(np.uint8))  # mode L
-    return image.convert("RGB")
-
-
 def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
     """PIL image -> (size, size, 3) uint8 RGB array, following :func:`recipe`; ValueError for
     images beyond MAX_ASPECT_RATIO."""
@@ -95,8 +86,5 @@ def load_image(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode, preprocess; returns the (size, size, 3) uint8 array and the original (w, h).
     Raises whatever PIL raises for unreadable or truncated files, and ValueError for images
     beyond MAX_ASPECT_RATIO (checked from the header, before decoding)."""
-    with Image.open(path) as image:
-        original = image.size
-        check_shape(*original, size)
-        image.load()  # decode fully here, so truncated files fail now and not half-way
-        return center_crop_resize(image, size), original
+    rgb, original = open_rgb(path, lambda width, height: check_shape(width, height, size))
+    return center_crop_resize(rgb, size), original

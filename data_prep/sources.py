@@ -15,11 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mvar_dist.image_decoding import IMAGE_EXTENSIONS, is_image_name
 from mvar_dist.shards.format import unique_keys
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -34,10 +33,6 @@ class ImageSource:
     root: Path
     classes: tuple[str, ...]
     records: tuple[ImageRecord, ...]  # in shard order
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def class_folders(root: Path) -> tuple[str, ...]:
@@ -80,7 +75,7 @@ def list_class_folder(root: str | Path, classes: tuple[str, ...] | None = None, 
         for directory, subdirs, files in os.walk(root / name):
             subdirs.sort()
             for file in files:
-                if _is_image(file):
+                if is_image_name(file):
                     items.append((Path(directory, file).relative_to(root).as_posix(), index[name]))
                 else:
                     ignored += 1
@@ -103,7 +98,7 @@ def read_label_file(path: str | Path) -> list[tuple[str | None, str]]:
         if len(fields) == 1:
             pairs.append((None, fields[0]))
         else:
-            pairs.append((fields[0].rsplit(".", 1)[0] if _is_image(fields[0]) else fields[0], fields[1]))
+            pairs.append((fields[0].rsplit(".", 1)[0] if is_image_name(fields[0]) else fields[0], fields[1]))
     if not pairs:
         raise ValueError(f"label file {path} has no labels")
     if len({stem is None for stem, _ in pairs}) > 1:
@@ -118,7 +113,7 @@ def list_flat_folder(
     split's so indices agree) or the sorted class names of the label file. Integer labels
     (the devkit's ILSVRC ids) are not accepted: their order is not the sorted synset order."""
     root = Path(root)
-    files = sorted(f for f in os.listdir(root) if _is_image(f))
+    files = sorted(f for f in os.listdir(root) if is_image_name(f))
     if not files:
         raise ValueError(f"no images found in flat folder {root}")
     pairs = read_label_file(label_file)

@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+from mvar_dist.commands.reporting import FAILED, USER_ERROR, declared, report
+
 # name -> (module, function, one-line help); the function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("mvar_dist.commands.train", "main", "train MVAR or VAR with DeepSpeed on code shards (--nproc N: N local ranks)"),
@@ -54,7 +56,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, function_name, _ = COMMANDS[name]
     command: Callable[[list[str]], int] = getattr(importlib.import_module(module_name), function_name)
-    return int(command(rest) or 0)
+    reported, user_errors, failures = declared(command) or (name, (), ())
+    try:
+        return int(command(rest) or 0)
+    except failures as error:
+        return report(reported, error, FAILED)
+    except user_errors as error:
+        return report(reported, error, USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -9,23 +9,24 @@
         slurm/<job id>/             submitit's job folders and logs
         checkpoints/
             step_00000020/          DeepSpeed's files (model, ZeRO partitions, lr scheduler)
-                run_state.json      rank 0: step, config, config hash, MLflow run id, world size
-                rank_00001.pt       every rank: RNG states and data-loader state
+                run_state.json      rank 0: the RunState (step, config, world size, MLflow run, ...)
+                rank_00001.pt       every rank: its RankState (data-loader position, RNG states)
                 files.json          name -> size of every file above, written once all are durable
             step_00000018.damaged/  a tag found incomplete on resume, kept for inspection
             latest                  the newest complete tag, moved last with an atomic rename
 
-Only :mod:`mvar_dist.training.checkpoint` writes checkpoints; read-only tools (export, status,
-the quickstart, the SLURM job) use :meth:`RunDir.read_latest` and never import the trainer.
+Only :mod:`mvar_dist.runtime.checkpoint` writes checkpoints; what the run-state files hold is
+:mod:`mvar_dist.run_state`'s. Read-only tools (export, status, the quickstart, the SLURM job) use
+:meth:`RunDir.read_latest` and never import the trainers.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from mvar_dist.run_state import RunState, read_run_state
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -55,7 +56,7 @@ class ResumePoint:
 
     tag: str
     step: int
-    run_state: dict[str, Any]
+    run_state: RunState
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,8 @@ class RunDir:
         state_file = self.run_state_file(tag)
         if not state_file.is_file():
             raise FileNotFoundError(f"{state_file} is missing: {tag} is not a complete mvar-dist checkpoint")
-        run_state = json.loads(state_file.read_text())
-        return ResumePoint(tag=tag, step=int(run_state["step"]), run_state=run_state)
+        run_state = read_run_state(state_file)
+        return ResumePoint(tag=tag, step=run_state.step, run_state=run_state)
 
     def read_latest(self) -> ResumePoint | None:
         """The newest complete checkpoint, or None for a fresh run."""

@@ -76,14 +76,14 @@ def test_cli_prints_the_table_and_reports_missing_things(store, tmp_path, capsys
     assert "| train/loss | short | 4 | 1 | 1 | min | 4 | 1 |" in out  # default metrics include train/loss
     assert "tokens_per_s" in out and "val/loss" not in out  # defaults that were not logged are left out
 
-    assert cli_main(["compare", "--experiment", "missing", "--tracking-uri", store, "--no-plots"]) == 1
+    assert cli_main(["compare", "--experiment", "missing", "--tracking-uri", store, "--no-plots"]) == 2
     assert "experiment 'missing' does not exist" in (err := capsys.readouterr().err) and "'exp'" in err and "'other'" in err
 
-    assert cli_main(["compare", "--experiment", "exp", "--tracking-uri", store, "--metrics", "val/loss", "--no-plots"]) == 1
+    assert cli_main(["compare", "--experiment", "exp", "--tracking-uri", store, "--metrics", "val/loss", "--no-plots"]) == 2
     err = capsys.readouterr().err
     assert "['val/loss'] were not logged" in err and "train/loss/scale_1" in err
 
-    assert cli_main(["compare", "--experiment", "exp", "--run-dir", str(tmp_path / "nowhere"), "--no-plots"]) == 1
+    assert cli_main(["compare", "--experiment", "exp", "--run-dir", str(tmp_path / "nowhere"), "--no-plots"]) == 2
     assert "no MLflow database" in capsys.readouterr().err
 
 

@@ -18,9 +18,9 @@ from mvar_dist.config import (
     validate,
 )
 from mvar_dist.model import MVAR
-from mvar_dist.training.engine import deepspeed_config, param_groups
+from mvar_dist.training.losses import token_loss
+from mvar_dist.training.optimizer import deepspeed_config, param_groups
 from mvar_dist.training.schedule import lr_factor, step_groups
-from mvar_dist.training.step import token_loss
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TINY = CONFIGS / "tiny_cpu.yaml"
@@ -38,29 +38,32 @@ def test_tiny_config_loads_with_overrides():
     assert config.model.depth == 2 and config.model.embed_dim == 64
 
 
-def experiment_configs() -> list[Path]:
-    from mvar_dist.tokenizer_training.config import is_tokenizer_file
+def configs_of(kind: str) -> list[Path]:
+    from mvar_dist.config import load_experiment
+    from mvar_dist.config.kinds import kind_of
 
-    return [p for p in sorted(CONFIGS.glob("*.yaml")) if not is_tokenizer_file(p)]
+    return [p for p in sorted(CONFIGS.glob("*.yaml")) if kind_of(load_experiment(p)).name == kind]
+
+
+def experiment_configs() -> list[Path]:
+    return configs_of("transformer")
 
 
 def tokenizer_configs() -> list[Path]:
-    from mvar_dist.tokenizer_training.config import is_tokenizer_file
-
-    return [p for p in sorted(CONFIGS.glob("*.yaml")) if is_tokenizer_file(p)]
+    return configs_of("tokenizer")
 
 
 @pytest.mark.parametrize("path", tokenizer_configs(), ids=lambda p: p.stem)
 def test_every_shipped_tokenizer_config_loads_and_validates(path, tmp_path):
-    from mvar_dist.tokenizer_training.config import load_tokenizer_experiment, validate_tokenizer_experiment
+    from mvar_dist.config import TOKENIZER, load_experiment, validate_experiment
 
-    config = load_tokenizer_experiment(path, [f"data.train={tmp_path}"])
+    config = load_experiment(path, [f"data.train={tmp_path}"], TOKENIZER)
     world = 2 if "cpu" in path.stem else 8
     config.data.val = None if config.data.val is None else str(tmp_path)
     for name in ("vgg_weights", "lpips_weights"):  # weight files are not in the repository
         if getattr(config.loss, name):
             setattr(config.loss, name, str(path))
-    validate_tokenizer_experiment(config, world)
+    validate_experiment(config, world)
     with pytest.raises(ConfigError, match="mvar-dist train-tokenizer"):
         load_config(path)  # the transformer's loader points to the right command
 
@@ -231,3 +234,49 @@ def test_a_field_added_later_does_not_block_resuming_older_checkpoints():
     assert incompatible_keys(older, current) == []
     older["optim"]["warmup_start"] = 0.5
     assert incompatible_keys(older, current) == ["optim.warmup_start"]
+
+
+# ----- experiment kinds: one loader, one place that decides -----
+
+
+def test_the_kind_is_decided_in_one_place(tmp_path):
+    from mvar_dist.config import (
+        TOKENIZER,
+        TRANSFORMER,
+        ExperimentConfig,
+        TokenizerExperiment,
+        kind_named_by,
+        kind_of,
+        load_experiment,
+    )
+
+    assert isinstance(load_experiment(TINY), ExperimentConfig)
+    assert kind_of(load_experiment(TINY)) is TRANSFORMER
+    tokenizer = load_experiment(CONFIGS / "tokenizer_tiny_cpu.yaml")
+    assert isinstance(tokenizer, TokenizerExperiment) and kind_of(tokenizer) is TOKENIZER
+    assert kind_named_by({}) is TRANSFORMER and kind_named_by({"kind": "transformer"}) is TRANSFORMER
+    # an explicit kind: transformer is allowed, and means what a file without it means
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text("kind: transformer\n" + TINY.read_text())
+    assert load_experiment(explicit) == load_experiment(TINY)
+    with pytest.raises(ConfigError, match=r"kind must be one of \['tokenizer', 'transformer'\], got 'gan'"):
+        load_experiment(TINY, ["kind=gan"])
+    with pytest.raises(ConfigError, match="transformer experiment .*run it with mvar-dist train$"):
+        load_experiment(TINY, expect=TOKENIZER)
+
+
+def test_resume_conflicts_per_kind():
+    from mvar_dist.config import (
+        TOKENIZER_RESUMABLE_CHANGES,
+        load_experiment,
+        resume_conflicts,
+    )
+    from mvar_dist.config.kinds import TOKENIZER
+
+    transformer = load_experiment(TINY)
+    tokenizer = load_experiment(CONFIGS / "tokenizer_tiny_cpu.yaml")
+    assert resume_conflicts(tokenizer.to_dict(), transformer) == ["kind"]
+    assert resume_conflicts(transformer.to_dict(), tokenizer) == ["kind"]
+    longer = load_experiment(CONFIGS / "tokenizer_tiny_cpu.yaml", ["train.total_steps=99", "optim.lr=0.5"])
+    assert resume_conflicts(tokenizer.to_dict(), longer) == ["optim.lr"]  # total_steps may change
+    assert "train.total_steps" in TOKENIZER.resumable_changes == TOKENIZER_RESUMABLE_CHANGES

@@ -119,9 +119,9 @@ def test_deepspeed_template_accepts_an_existing_json_file(tmp_path):
 
 def test_template_lookup_lives_in_the_config_layer():
     from mvar_dist.config import deepspeed_templates
-    from mvar_dist.training import engine
+    from mvar_dist.runtime import deepspeed_engine
 
-    assert engine.resolve_template is deepspeed_templates.resolve_template
+    assert deepspeed_engine.resolve_template is deepspeed_templates.resolve_template
     assert deepspeed_templates.resolve_template("zero2", "bf16") == deepspeed_templates.TEMPLATE_DIR / "zero2_bf16.json"
     assert deepspeed_templates.resolve_template("zero3_offload", "fp32").name == "zero3_offload.json"  # no suffixed file
 

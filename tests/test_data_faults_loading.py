@@ -15,7 +15,7 @@ import torch
 from test_data_faults import NUM_CLASSES, PER_CLASS, SHARD_SIZE, shard_files, tokenizer, write_images  # noqa: F401
 
 from mvar_dist.data import BadDataError, DataConfig, TrainLoader, ValLoader
-from mvar_dist.data import reader as reader_module
+from mvar_dist.shards import read_errors
 from mvar_dist.data_prep import sources
 from mvar_dist.data_prep.merge import merge_manifest
 from mvar_dist.data_prep.shard import shard_dataset
@@ -72,7 +72,7 @@ def flaky_manifest(split_dir: Path, tmp_path: Path, fails: dict[str, int]) -> tu
 
 
 def test_transient_open_errors_are_retried(split_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(reader_module, "READ_RETRY_DELAYS_S", (0.0, 0.0, 0.0), raising=False)
+    monkeypatch.setattr(read_errors, "READ_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
     names = [f"t-train-{i:06d}.tar" for i in range(7)]
     flaky, counts = flaky_manifest(split_dir, tmp_path, {name: 2 for name in names})
     healthy = TrainLoader(load_manifest(split_dir), config(), 0, 1, batch_size=4)
@@ -84,7 +84,7 @@ def test_transient_open_errors_are_retried(split_dir, tmp_path, monkeypatch):
 
 
 def test_shard_that_keeps_failing_is_declared_bad_after_the_retries(split_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(reader_module, "READ_RETRY_DELAYS_S", (0.0, 0.0, 0.0), raising=False)
+    monkeypatch.setattr(read_errors, "READ_RETRY_DELAYS_S", (0.0, 0.0, 0.0))
     flaky, counts = flaky_manifest(split_dir, tmp_path, {"t-train-000002.tar": 1000})
     val = ValLoader(flaky, config(shuffle_window=64, max_bad_fraction=0.5), 0, 1, batch_size=16)  # one window: shards read once
     assert sum(int(mask.sum()) for _, _, mask in val) == 48 - SHARD_SIZE and val.num_skipped == SHARD_SIZE

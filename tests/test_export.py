@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from mvar_dist.cli import main as cli_main
 from mvar_dist.commands.export import main
 from mvar_dist.model import MVAR, MVARConfig
 from mvar_dist.model.released import derived_buffers, official_state_dict
 from mvar_dist.run_dir import RunDir
-from mvar_dist.training.export import export_run, strip_wrapper_prefixes
+from mvar_dist.runtime.zero_checkpoint import strip_wrapper_prefixes
+from mvar_dist.training.export import export_run
 
 REFERENCE_KEYS = Path(__file__).parent / "data" / "mvar_d16_keys.json"  # copy of shared/reference
 STAGES = (1, 2, 3)
@@ -98,7 +100,7 @@ def test_clear_errors_for_missing_checkpoints(tmp_path):
         RunDir(tmp_path).resolve_tag("step_00000001")
     with pytest.raises(FileNotFoundError, match="not an mvar-dist export"):
         MVAR.from_pretrained(tmp_path)
-    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert cli_main(["export", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
 
 
 # ----- DeepSpeed checkpoints (slow) -----
@@ -235,12 +237,14 @@ def _write_runs(root: Path, names: list[str]) -> None:
     import deepspeed
     import torch.nn.functional as F
 
-    from mvar_dist.config import compatibility_hash, config_from_dict, save_resolved
+    from mvar_dist.config import config_from_dict, experiment_hash, save_resolved
+    from mvar_dist.run_state import RankState, RunState
+    from mvar_dist.runtime import checkpoint as checkpoints
+    from mvar_dist.runtime.distributed import free_port
+    from mvar_dist.runtime.rng import rng_states
     from mvar_dist.tokenizer import PatchResidualTokenizer
     from mvar_dist.tracking import RunTracker
-    from mvar_dist.training import checkpoint as checkpoints
-    from mvar_dist.training import engine as engine_lib
-    from mvar_dist.training.distributed import free_port
+    from mvar_dist.training.optimizer import build_engine
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend="gloo", init_method="env://")
@@ -257,7 +261,7 @@ def _write_runs(root: Path, names: list[str]) -> None:
         config = config_from_dict(tiny_experiment(run_dir, stage, tokenizer, precision))
         save_resolved(config, run_dir / "config.yaml")
         torch.manual_seed(stage)
-        engine = engine_lib.build_engine(MVAR(config.model), config, world_size=1)
+        engine = build_engine(MVAR(config.model), config, world_size=1)
         tracker = None
         if name == f"zero{TRACKED_STAGE}":
             tracker = RunTracker.create(config.to_dict(), run_dir, None, "export-test", None, 0, system_metrics=False)
@@ -280,14 +284,10 @@ def _write_runs(root: Path, names: list[str]) -> None:
             if tracker is not None:
                 tracker.log_metrics({"train/loss": step + 0.5, "lr": 0.01}, step)
                 tracker.flush()
-            run_state = {
-                "step": step, "config": config.to_dict(), "config_hash": compatibility_hash(config.to_dict()),
-                "mlflow_run_id": tracker.run_id if tracker else None, "world_size": 1,
-            }
-            checkpoints.save_checkpoint(
-                engine, RunDir(run_dir), step, run_state,
-                {"loader": {}, "rng": checkpoints.rng_states(torch.device("cpu"))}, keep_last=2,
-            )
+            run_state = RunState(step=step, config=config.to_dict(), world_size=1, config_hash=experiment_hash(config),
+                                 mlflow_run_id=tracker.run_id if tracker else None)
+            checkpoints.save_checkpoint(checkpoints.Engines(engine), RunDir(run_dir), run_state,
+                                        RankState(loader={}, rng=rng_states(torch.device("cpu"))), keep_last=2)
         if tracker is not None:
             tracker.finish()
         if precision != "fp32" and stage < 3:  # the low-precision weights the engine computes with

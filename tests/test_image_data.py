@@ -14,12 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from mvar_dist.data.image_batches import Batch, decode_view
-from mvar_dist.data.image_sources import expand_braces, index_folder, open_source
-from mvar_dist.data.images import (
-    ImageDataConfig, ImageTrainLoader, ImageValLoader, build_image_train_loader, build_image_val_loader,
+from mvar_dist.images import (
+    ImageDataConfig,
+    build_image_train_loader,
+    build_image_val_loader,
 )
-from mvar_dist.data.reader import BadDataError
+from mvar_dist.images.batches import Batch, decode_view
+from mvar_dist.images.loader import ImageTrainLoader, ImageValLoader
+from mvar_dist.images.sources import expand_braces, index_folder, open_source
+from mvar_dist.shards.read_errors import BadDataError
 
 SIZE = 8  # crop side
 

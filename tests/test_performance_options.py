@@ -8,7 +8,7 @@ import torch
 from test_train import model_states, ok, run_train
 
 from mvar_dist.model import MVAR, MVARConfig
-from mvar_dist.training.step import token_loss
+from mvar_dist.training.losses import token_loss
 
 TINY_MODEL = dict(depth=3, embed_dim=64, num_heads=2, num_classes=4, vocab_size=64, z_channels=8,
                   patch_nums=(1, 2, 3, 4), refine_step=2, kernel_size=3, attention_backend="torch")

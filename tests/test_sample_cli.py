@@ -137,25 +137,25 @@ def test_vqvae_tokenizer_export(tmp_path):
 def test_tokenizer_mismatch_is_a_clear_error(patch_export, tmp_path, capsys):
     model_dir, _ = patch_export
     other = PatchResidualTokenizer(PATCH.__class__(**{**PATCH.to_dict(), "vocab_size": 24})).save(tmp_path / "other.safetensors")
-    assert sample("--model", str(model_dir), "--tokenizer", str(other), "--out", str(tmp_path / "x.png")) == 1
+    assert sample("--model", str(model_dir), "--tokenizer", str(other), "--out", str(tmp_path / "x.png")) == 2
     err = capsys.readouterr().err
     assert "does not match the model" in err and "vocab_size is 24, the model's is 16" in err
     assert not (tmp_path / "x.png").exists()
 
     torch.manual_seed(123)  # same class and config, other codebook
     retrained = PatchResidualTokenizer(PATCH).save(tmp_path / "retrained.safetensors")
-    assert sample("--model", str(model_dir), "--tokenizer", str(retrained), "--out", str(tmp_path / "x.png")) == 1
+    assert sample("--model", str(model_dir), "--tokenizer", str(retrained), "--out", str(tmp_path / "x.png")) == 2
     assert "weights differ" in capsys.readouterr().err
 
     torch.save(MultiScaleVQVAE(**VQVAE).state_dict(), tmp_path / "vae.pth")  # a VQVAE for a patch-tokenizer model
-    assert sample("--model", str(model_dir), "--tokenizer", str(tmp_path / "vae.pth"), "--out", str(tmp_path / "x.png")) == 1
+    assert sample("--model", str(model_dir), "--tokenizer", str(tmp_path / "vae.pth"), "--out", str(tmp_path / "x.png")) == 2
     assert "cannot be loaded as the tokenizer the model was trained with" in capsys.readouterr().err
 
 
 def test_bad_counts_are_rejected(patch_export, tmp_path, capsys):
     model_dir, tokenizer = patch_export
     args = ["--model", str(model_dir), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "x.npz")]
-    assert sample(*args, "--npz", "--num", "7") == 1  # 5 classes
+    assert sample(*args, "--npz", "--num", "7") == 2  # 5 classes
     assert "not divisible" in capsys.readouterr().err
-    assert sample(*args, "--classes", "9") == 1
+    assert sample(*args, "--classes", "9") == 2
     assert "0..4" in capsys.readouterr().err

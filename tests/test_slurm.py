@@ -1,5 +1,5 @@
 """SLURM launching: sbatch scripts (golden files, templates in sync), bad input, and real jobs on
-the local cluster (.ci/extra.sh starts it; tests that need it skip where sinfo is absent)."""
+the local cluster (.ci/start_slurm.sh starts it; tests that need it skip where sinfo is absent)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ REFERENCE_CONFIG = GOLDEN / "submit_reference.yaml"
 TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
 HAVE_SLURM = shutil.which("sinfo") is not None and shutil.which("sbatch") is not None
 needs_cluster = pytest.mark.skipif(
-    not HAVE_SLURM, reason="no SLURM client here (sinfo/sbatch not found); CI starts a local cluster in .ci/extra.sh"
+    not HAVE_SLURM, reason="no SLURM client here (sinfo/sbatch not found); CI starts a local cluster in .ci/start_slurm.sh"
 )
 TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 # flags whose value is a path or a submission-time choice, not a resource

@@ -50,7 +50,7 @@ def exported_weights(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
 def completed_run(tiny_codes, tmp_path_factory) -> Path:
     """A 2-rank CPU training job submitted with `mvar-dist submit` and run to the end."""
     if not HAVE_SLURM:
-        pytest.skip("no SLURM client here (sinfo/sbatch not found); CI starts a local cluster in .ci/extra.sh")
+        pytest.skip("no SLURM client here (sinfo/sbatch not found); CI starts a local cluster in .ci/start_slurm.sh")
     run_dir = tmp_path_factory.mktemp("slurm_train") / "run"
     argv = ["submit", "--config", str(TINY_CONFIG), *tiny_codes.overrides(run_dir), f"train.total_steps={TRAIN_STEPS}",
             "--cluster", "slurm", "--tasks-per-node", "2", "--time", "15", "--job-name", "slurm-test"]

@@ -88,9 +88,10 @@ def test_exported_tokenizer_loads_in_both_formats_and_preps_shards(tiny_images, 
     assert usage.shape == (4, 64)  # 4 scales x 64 codes, as VAR's file has
     # VAR's meaning: average code hits per forward pass over all ranks (2 images x 2 ranks x pn^2 tokens)
     from mvar_dist.run_dir import RunDir
+    from mvar_dist.run_state import read_rank_state
 
     run = RunDir(run_dir)
-    rates = torch.load(run.rank_file(run.resolve_tag("latest"), 0), weights_only=True)["codebook"]["ema"]
+    rates = read_rank_state(run.rank_file(run.resolve_tag("latest"), 0)).task["codebook"]["ema"]
     tokens = torch.tensor([4.0, 16.0, 36.0, 64.0], dtype=torch.float64)
     torch.testing.assert_close(usage, (rates * tokens[:, None]).float())
     images = torch.rand(3, 3, 8, 8) * 2 - 1

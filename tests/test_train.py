@@ -20,9 +20,9 @@ import torch
 from mvar_dist.config import load_config
 from mvar_dist.run_dir import LATEST as LATEST_FILE
 from mvar_dist.run_dir import RUN_STATE as RUN_STATE_FILE
-from mvar_dist.training.engine import param_groups
+from mvar_dist.training.optimizer import param_groups
 from mvar_dist.training.schedule import lr_factor
-from mvar_dist.training.step import token_loss
+from mvar_dist.training.losses import token_loss
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_cpu.yaml"
@@ -206,7 +206,8 @@ def test_launcher_reports_a_failing_rank(tmp_path):
 
 def test_per_scale_metrics_from_reduced_sums():
     from mvar_dist.scales import ScaleLayout
-    from mvar_dist.training.step import ScaleStats, StepResult, reduce_step, scale_metrics
+    from mvar_dist.training.losses import ScaleStats, scale_metrics
+    from mvar_dist.training.task import StepResult, reduce_step
 
     layout = ScaleLayout((1, 2, 3))
     stats = ScaleStats(layout.num_scales)
@@ -214,7 +215,7 @@ def test_per_scale_metrics_from_reduced_sums():
     logits, targets = torch.randn(4, 13, 5), torch.randint(0, 5, (4, 13))  # scales 1 and 2: 4 + 9 tokens
     stats.add(layout, (1, 2), logits, targets)
     result = StepResult(torch.tensor(0.5, dtype=torch.float64), 1, False, 4, 52, 0.0)
-    sums, reduced = reduce_step(result, stats, stop=False, skipped_samples=0, step_time=1.0, peak_mb=1.0)
+    sums, reduced = reduce_step(result, stats, skipped_samples=0, step_time=1.0, peak_mb=1.0)
     metrics = scale_metrics(sums)
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     assert metrics["loss/scale_1"] == pytest.approx(ce[:, :4].mean().item())

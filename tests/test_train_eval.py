@@ -13,7 +13,7 @@ from test_train import TINY, metric_history, model_states, ok, run_train
 from mvar_dist.config import ConfigError, load_config, validate
 from mvar_dist.scales import ScaleLayout
 from mvar_dist.training.evaluation import masked_scale_sums, sample_grid, val_metrics
-from mvar_dist.training.step import ScaleStats
+from mvar_dist.training.losses import ScaleStats
 
 VAL_CLASSES, VAL_PER_CLASS = 3, 3  # 9 samples: 2 ranks get 5 and 4, so the last batches are padded
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from mvar_dist.commands.reporting import reports
+from mvar_dist.commands.reporting import HelpFormatter, reports
 from mvar_dist.quickstart.experiment import DEFAULT_STEPS, EXPERIMENT
 from mvar_dist.quickstart.pipeline import QuickstartError, run_quickstart
 
@@ -42,16 +42,20 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mvar-dist quickstart",
-        description="Digits -> tokenizer -> shards -> DeepSpeed training on 2 CPU ranks -> export -> samples, judged.",
+        prog="mvar-dist quickstart", formatter_class=HelpFormatter,
+        description="The whole chain on CPU in minutes: digits -> tokenizer -> shards -> verify -> DeepSpeed\n"
+                    "training on 2 CPU ranks -> export -> samples, judged by a classifier of real digits.\n"
+                    "A rerun reuses every finished stage.",
+        epilog="exit status: 0 done; 1 a stage failed (the message names it and what to do);\n"
+               "2 a user error (a flag, an override, an output directory written by something else).",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory (default runs/quickstart)")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps of 64 images (default {DEFAULT_STEPS})")
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="output directory")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps of 64 images")
     parser.add_argument("--mode", choices=("mvar", "var"), default="mvar", help="MVAR, or the VAR baseline (same MLflow experiment)")
     parser.add_argument("--seed", type=int, default=0, help="training and sampling seed")
-    parser.add_argument("--nproc", type=int, default=2, help="local training ranks (default 2)")
-    parser.add_argument("--per-class", type=int, default=20, help="samples per class that the judge scores (default 20)")
-    parser.add_argument("--grid-per-class", type=int, default=10, help="samples per class shown in the grid (default 10)")
+    parser.add_argument("--nproc", type=int, default=2, help="local training ranks")
+    parser.add_argument("--per-class", type=int, default=20, help="samples per class that the judge scores")
+    parser.add_argument("--grid-per-class", type=int, default=10, help="samples per class shown in the grid")
     parser.add_argument("--fresh", action="store_true", help="discard this mode's previous run and train from scratch")
     parser.add_argument("--tokenizer", choices=("patch", "vqvae"), default="patch",
                         help="patch: fit the k-means pixel-patch tokenizer (seconds); vqvae: train a multi-scale VQVAE "
@@ -60,9 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@reports("quickstart", QuickstartError, ValueError, FileExistsError)
+def check_counts(args: argparse.Namespace) -> None:
+    """Counts the pipeline cannot use are a user error, reported before any stage runs."""
+    for flag, value in (("--steps", args.steps), ("--nproc", args.nproc), ("--per-class", args.per_class)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 1 <= args.grid_per_class <= args.per_class:
+        raise ValueError(f"--grid-per-class must be in 1..--per-class ({args.per_class}), got {args.grid_per_class}")
+
+
+@reports("quickstart", ValueError, FileExistsError, failures=(QuickstartError,))
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
+    check_counts(args)
     summary = run_quickstart(args.out, args.mode, args.steps, args.seed, args.nproc, args.per_class,
                              args.grid_per_class, args.fresh, args.overrides, args.tokenizer)
     print(format_summary(summary))

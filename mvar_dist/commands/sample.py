@@ -19,9 +19,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mvar_dist.commands.reporting import reports
+from mvar_dist.commands.reporting import HelpFormatter, reports
 from mvar_dist.model.pretrained import read_export_metadata
-from mvar_dist.sampling.batches import PRECISIONS, parse_classes, resolve_settings, sample_batches
+from mvar_dist.sampling.batches import (
+    PRECISIONS,
+    parse_classes,
+    resolve_settings,
+    sample_batches,
+)
 from mvar_dist.sampling.exported import load_exported
 from mvar_dist.sampling.images import NpzSampleWriter, compose_grid, write_png
 
@@ -30,24 +35,27 @@ logger = logging.getLogger(__name__)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mvar-dist sample",
-        description="Sample an exported model: a PNG grid (one row per class) or, with --npz, the ADM evaluator's sample batch.",
+        prog="mvar-dist sample", formatter_class=HelpFormatter,
+        description="Sample an exported model: a PNG grid (one row per class) or, with --npz, the ADM evaluator's\n"
+                    "sample batch. Sampling settings come from the flags, else from the sample section that\n"
+                    "mvar-dist export recorded in config.json, else from generate's defaults.",
+        epilog="exit status: 0 written; 2 a user error (a path, a flag, a tokenizer that does not match the model).",
     )
     parser.add_argument("--model", type=Path, required=True, help="directory written by 'mvar-dist export'")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer checkpoint (default: the one recorded in config.json)")
     parser.add_argument("--classes", help="class ids, e.g. 0,1,207 or 0-9 (default: every class of the model)")
-    parser.add_argument("--per-class", type=int, help="images per class (grid default: 8; npz: --num / number of classes)")
+    parser.add_argument("--per-class", type=int, help="images per class (default: 8 for a grid; with --npz, --num / the number of classes)")
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: config.json, else 2.7)")
     parser.add_argument("--top-k", type=int, help="top-k filtering, 0 disables (default: config.json, else 1200)")
     parser.add_argument("--top-p", type=float, help="top-p filtering, 0 disables (default: config.json, else 0.99)")
     parser.add_argument("--seed", type=int, default=0, help="base seed; batch b uses a seed derived from (seed, b)")
     parser.add_argument("--out", type=Path, required=True, help="output .png (grid) or .npz (with --npz)")
     parser.add_argument("--npz", action="store_true", help="write arr_0 = uint8 (N, H, W, 3), classes in order")
-    parser.add_argument("--num", type=int, help="--npz: total number of images (default 50000)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per generate call (default 64)")
+    parser.add_argument("--num", type=int, help="--npz: total number of images (default: 50000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per generate call")
     parser.add_argument("--device", default="auto", help="'auto' (cuda when present), 'cpu', 'cuda', 'cuda:1', ...")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype of the transformer")
-    parser.add_argument("--padding", type=int, default=2, help="grid: white pixels between images (default 2)")
+    parser.add_argument("--padding", type=int, default=2, help="grid: white pixels between images")
     parser.add_argument("--allow-other-tokenizer-weights", action="store_true",
                         help="accept a tokenizer whose class and config match but whose weights hash differs")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from mvar_dist.commands.reporting import reports
+from mvar_dist.commands.reporting import HelpFormatter, reports
 from mvar_dist.launch.status import run_status
+from mvar_dist.run_dir import RunDir
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -30,8 +31,8 @@ def format_status(status: dict[str, Any]) -> str:
     if record.get("previous_job_ids"):
         lines.append(f"earlier:     {', '.join(record['previous_job_ids'])}")
     if "checkpoint" in status:
-        point = status["checkpoint"]
-        lines.append(f"checkpoint:  {'none yet' if point is None else 'step %d (%s)' % (point['step'], point['tag'])}")
+        last = status["checkpoint"]
+        lines.append(f"checkpoint:  {'none yet' if last is None else 'step %d (%s)' % (last['step'], last['tag'])}")
     if "mlflow" in status:
         run = status["mlflow"]
         if run is None:
@@ -43,12 +44,22 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@reports("status", FileNotFoundError, code=2)
+@reports("status", FileNotFoundError)
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mvar-dist status", description="State of a submitted run.")
-    parser.add_argument("run_dir", type=Path, help="the run directory given to submit (config run.dir)")
+    parser = argparse.ArgumentParser(
+        prog="mvar-dist status", formatter_class=HelpFormatter,
+        description="State of a submitted run: its SLURM job and requeues, the last checkpoint and the MLflow run,\n"
+                    "all found from the run directory (mvar-dist jobs is the same command).",
+        epilog="exit status: 0 shown; 2 a user error (not a run directory, or one that was never submitted).",
+    )
+    parser.add_argument("run_dir", type=Path,
+                        help="the run directory given to submit (run.dir of the config), or OUT/<split> of submit-prep")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     args = parser.parse_args(list(argv))
-    status = run_status(args.run_dir.absolute())
+    run = RunDir(args.run_dir.absolute())
+    if not run.path.is_dir():
+        why = "no such directory" if not run.path.exists() else "not a directory"
+        raise FileNotFoundError(f"{args.run_dir} is not a run directory ({why})")
+    status = run_status(run.path)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0

@@ -7,11 +7,15 @@ import argparse
 from pathlib import Path
 from typing import Any, Sequence
 
-from mvar_dist.commands.reporting import reports
+from mvar_dist.commands.reporting import HelpFormatter, reports
 from mvar_dist.config import ConfigError, ExperimentConfig, LaunchConfig, LaunchError
 from mvar_dist.launch.slurm import sbatch_script
 from mvar_dist.launch.submit import prepare, submit
-from mvar_dist.tracking.run_record import mlflow_link, read_run_record, resolve_tracking_uri
+from mvar_dist.tracking.run_record import (
+    mlflow_link,
+    read_run_record,
+    resolve_tracking_uri,
+)
 
 # CLI flag -> LaunchConfig field; a flag left out keeps the config's value
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -21,35 +25,39 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--cpus-per-task": ("cpus_per_task", int, "CPUs per rank (data workers + 1)"),
     "--mem": ("mem", str, "memory per node, e.g. 64G"),
     "--time": ("time", int, "time limit in minutes"),
-    "--partition": ("partition", str, "partition (default: the cluster's default)"),
+    "--partition": ("partition", str, "partition (unset: the cluster's default)"),
     "--account": ("account", str, "account to charge"),
     "--qos": ("qos", str, "quality of service"),
     "--constraint": ("constraint", str, "node features, e.g. a100"),
     "--max-requeues": ("max_requeues", int, "how often the job may requeue itself (preemption, time limit)"),
     "--job-name": ("job_name", str, "SLURM job name"),
     "--signal-delay": ("signal_delay_s", int, "seconds before the time limit to signal a checkpoint"),
-    "--cluster": ("cluster", str, "slurm (default), local (subprocesses here) or debug (in this process)"),
+    "--cluster": ("cluster", str, "slurm, local (subprocesses here) or debug (in this process)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mvar-dist submit",
-        description="Submit a training run to SLURM. Resources default to the config's launch section.",
+        prog="mvar-dist submit", formatter_class=HelpFormatter,
+        description="Submit a training run to SLURM with submitit, or print its sbatch script with --dry-run.\n"
+                    "Resources default to the experiment's launch section; each flag given overrides one field.",
+        epilog="exit status: 0 submitted (or printed); 2 a user error (the config, a flag, a partition or\n"
+               "resources the cluster does not have), with nothing submitted.",
     )
     parser.add_argument("--config", required=True, help="experiment file, e.g. configs/mvar_d16.yaml")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.total_steps=20")
-    for flag, (_, kind, help_) in FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None, help=help_)
+    for flag, (field_, kind, help_) in FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, help=f"{help_} (default: launch.{field_} of the experiment)")
     parser.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
-                        help="whole nodes for this job")
+                        help="whole nodes for this job (default: launch.exclusive of the experiment)")
     parser.add_argument("--slurm-setup", action="append", default=None, metavar="LINE",
-                        help="shell line run before srun (repeat for several; replaces the config's)")
+                        help="shell line run before srun; repeat for several (default: launch.slurm_setup of the experiment, "
+                             "which the flags replace)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
     return parser
 
 
-@reports("submit", ConfigError, LaunchError, code=2)
+@reports("submit", ConfigError, LaunchError)
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_intermixed_args(list(argv))
     changes = {field_: getattr(args, flag[2:].replace("-", "_")) for flag, (field_, _, _) in FLAGS.items()}

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from mvar_dist.commands.reporting import reports
+from mvar_dist.commands.reporting import HelpFormatter, reports
 from mvar_dist.config import LaunchError
 from mvar_dist.launch.prep_array import array_scripts, prep_target, resolve, submit_prep
 from mvar_dist.launch.slurm import check_partition, check_resources
@@ -19,26 +19,37 @@ from mvar_dist.launch.slurm import check_partition, check_resources
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mvar-dist submit-prep", description="Run mvar-dist prep as a SLURM job array, then merge the manifest in a dependent job.",
-        epilog="All other options are those of 'mvar-dist prep' (see mvar-dist prep --help).",
+        prog="mvar-dist submit-prep", formatter_class=HelpFormatter,
+        description="Run mvar-dist prep as a SLURM job array, then merge the manifest in a dependent job.\n"
+                    "The options below are SLURM's; every other option goes to mvar-dist prep unchanged.",
+        epilog="example:\n"
+               "  mvar-dist submit-prep --array-tasks 32 --gpus-per-node 1 --time 240 -- \\\n"
+               "      /data/imagenet/train --split train --out /data/codes --tokenizer vae_ch160v4096z32.pth\n\n"
+               "The prep options are those of 'mvar-dist prep' (see mvar-dist prep --help).\n"
+               "exit status: 0 submitted (or printed); 2 a user error (a flag, the prep options, a partition\n"
+               "or resources the cluster does not have), with nothing submitted.",
     )
     parser.add_argument("--array-tasks", type=int, required=True, help="number of array tasks")
     parser.add_argument("--array-parallelism", type=int, default=256, help="at most this many tasks at once")
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per task (0 or 1)")
     parser.add_argument("--cpus-per-task", type=int, default=4, help="CPUs per task (JPEG decoding threads)")
-    parser.add_argument("--mem", default=None, help="memory per task, e.g. 32G")
+    parser.add_argument("--mem", default=None, help="memory per task, e.g. 32G; unset: the partition's default")
     parser.add_argument("--time", type=int, default=240, help="time limit per task in minutes")
-    for flag in ("--partition", "--account", "--qos", "--constraint"):
-        parser.add_argument(flag, default=None)
-    parser.add_argument("--job-name", default="mvar-dist-prep")
-    parser.add_argument("--slurm-setup", action="append", default=[], metavar="LINE", help="shell line before srun")
+    parser.add_argument("--partition", default=None, help="partition; unset: the cluster's default partition")
+    parser.add_argument("--account", default=None, help="account to charge")
+    parser.add_argument("--qos", default=None, help="quality of service")
+    parser.add_argument("--constraint", default=None, help="node features, e.g. a100")
+    parser.add_argument("--job-name", default="mvar-dist-prep", help="SLURM job name")
+    parser.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
+                        help="shell line run before srun; repeat for several")
     parser.add_argument("--max-requeues", type=int, default=10, help="time-limit requeues per task")
-    parser.add_argument("--cluster", default="slurm", choices=("slurm", "local", "debug"))
+    parser.add_argument("--cluster", default="slurm", choices=("slurm", "local", "debug"),
+                        help="slurm, local (subprocesses here) or debug (in this process)")
     parser.add_argument("--dry-run", action="store_true", help="print both sbatch scripts and exit")
     return parser
 
 
-@reports("submit-prep", LaunchError, code=2)
+@reports("submit-prep", LaunchError)
 def main(argv: Sequence[str]) -> int:
     argv = list(argv)
     args, prep_argv = build_parser().parse_known_args(argv)

@@ -11,16 +11,32 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from mvar_dist.commands.reporting import reports
-from mvar_dist.config import ConfigError, load_config, validate
+from mvar_dist.commands.reporting import HelpFormatter, reports
+from mvar_dist.config import (
+    TRANSFORMER,
+    ConfigError,
+    ExperimentKind,
+    load_experiment,
+    validate_experiment,
+)
+
+TRAINING_EPILOG = """exit status: 0 done; 1 the run failed; 2 a user error in the input (the config, a flag,
+a run directory of another experiment); 128+N a rank killed by signal N."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mvar-dist train", description="Train MVAR or VAR with DeepSpeed.")
+    parser = argparse.ArgumentParser(
+        prog="mvar-dist train", formatter_class=HelpFormatter, epilog=TRAINING_EPILOG,
+        description="Train MVAR or VAR with DeepSpeed on code shards, one process per rank.\n"
+                    "With --nproc N this spawns N local ranks; under SLURM (mvar-dist submit) every task\n"
+                    "runs it without --nproc. See docs/training.md.",
+    )
     parser.add_argument("--config", required=True, help="experiment file, e.g. configs/mvar_d16.yaml")
-    parser.add_argument("--nproc", type=int, default=0, help="spawn N local ranks (CPU or GPUs of this machine)")
+    parser.add_argument("--nproc", type=int, default=0, metavar="N",
+                        help="spawn N local ranks (CPU or GPUs of this machine); by default this process is "
+                             "one rank, started by srun or another launcher")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.total_steps=20")
     return parser
 
@@ -28,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def launched_rank(environ: Mapping[str, str] | None = None) -> int:
     """This process's rank when a launcher started it (RANK, else srun's SLURM_PROCID), else 0.
 
-    Read without :func:`mvar_dist.training.distributed.read_rank_env`, which raises on an
+    Read without :func:`mvar_dist.runtime.distributed.read_rank_env`, which raises on an
     incomplete rendezvous environment: here we only decide who reports an error."""
     env = os.environ if environ is None else environ
     for name in ("RANK", "SLURM_PROCID"):
@@ -38,9 +54,7 @@ def launched_rank(environ: Mapping[str, str] | None = None) -> int:
     return 0
 
 
-def launch_or_train(command: str, parser: argparse.ArgumentParser, argv: Sequence[str],
-                    load: Callable[[str, Sequence[str]], Any], validate_for: Callable[[Any, int], None],
-                    trainer: Callable[[Any], Any]) -> int:
+def launch_or_train(command: str, parser: argparse.ArgumentParser, argv: Sequence[str], kind: ExperimentKind) -> int:
     """``--nproc N``: validate once for N ranks, then spawn N copies of ``mvar-dist <command>``;
     without it, this process is one rank (of a launcher's or srun's) and trains."""
     args = parser.parse_args(list(argv))
@@ -48,12 +62,15 @@ def launch_or_train(command: str, parser: argparse.ArgumentParser, argv: Sequenc
         parser.error(f"--nproc must be >= 1 (or left out for one rank), got {args.nproc}")
     if args.nproc:
         # checked here, for the world size the ranks will have: a bad config gives one message and no rank
-        validate_for(load(args.config, args.overrides), args.nproc)
+        validate_experiment(load_experiment(args.config, args.overrides, kind), args.nproc)
         from mvar_dist.launch.local import launch
 
         return launch(args.nproc, [sys.executable, "-m", "mvar_dist", command, "--config", args.config, *args.overrides])
+    from mvar_dist.runtime.loop import run_training
+    from mvar_dist.tasks import training_task
+
     try:
-        return trainer(load(args.config, args.overrides)).run()
+        return run_training(training_task(load_experiment(args.config, args.overrides, kind)))
     except ConfigError:
         # every rank finds the same problem in the same config: rank 0 says it, the others exit alike
         if launched_rank() != 0:
@@ -61,11 +78,6 @@ def launch_or_train(command: str, parser: argparse.ArgumentParser, argv: Sequenc
         raise
 
 
-@reports("train", ConfigError, code=2)
+@reports("train", ConfigError)
 def main(argv: Sequence[str]) -> int:
-    def trainer(config: Any) -> Any:
-        from mvar_dist.training.trainer import Trainer
-
-        return Trainer(config)
-
-    return launch_or_train("train", build_parser(), argv, load_config, validate, trainer)
+    return launch_or_train("train", build_parser(), argv, TRANSFORMER)

@@ -1,6 +1,6 @@
 """Where ``deepspeed.template`` points: a template of configs/deepspeed/ (with the precision
 suffix rule) or a JSON file. It lives in the config layer so that a bad name is refused by
-:func:`mvar_dist.config.validate` before any rank starts; :mod:`mvar_dist.training.engine`
+:func:`mvar_dist.config.validate` before any rank starts; :mod:`mvar_dist.runtime.deepspeed_engine`
 fills the template in."""
 
 from __future__ import annotations

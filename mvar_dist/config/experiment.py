@@ -1,8 +1,9 @@
-"""The experiment file of ``mvar-dist train``: one typed tree of sections, loaded from YAML or
-TOML with ``key=value`` overrides; which keys a resumed run may change.
+"""The experiment of ``mvar-dist train`` (MVAR or VAR): one typed tree of sections, and which keys
+a resumed run may change. Files are loaded by :mod:`mvar_dist.config.kinds`, the one loader of
+every kind of experiment.
 
 One file describes an experiment completely; the DeepSpeed JSON is derived from it (see
-:mod:`mvar_dist.training.engine`), so batch sizes, precision and clipping exist in one place.
+:mod:`mvar_dist.runtime.deepspeed_engine`), so batch sizes, precision and clipping exist in one place.
 """
 
 from __future__ import annotations
@@ -10,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
 from mvar_dist.atomic import write_bytes
-from mvar_dist.config.compatibility import changed_keys, config_hash
-from mvar_dist.config.loading import ConfigError, build, plain, read_config_file
+from mvar_dist.config.loading import plain
 from mvar_dist.config.sections import (
     CheckpointConfig,
     DebugConfig,
@@ -74,40 +74,6 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
 )
 
 
-def compatibility_hash(config_dict: Mapping[str, Any]) -> str:
-    """Hash of everything a resumed run must share with its checkpoint."""
-    return config_hash(config_dict, RESUMABLE_CHANGES)
-
-
-def incompatible_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two config dicts, ignoring RESUMABLE_CHANGES. A key
-    that did not exist when ``saved`` was written counts as its default (a field added by a later
-    version must not make earlier checkpoints unresumable)."""
-    return changed_keys(_with_defaults(saved), _with_defaults(current), RESUMABLE_CHANGES)
-
-
-def _with_defaults(config_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    try:
-        return config_from_dict(config_dict).to_dict()
-    except ConfigError:  # a key this version does not know: compare what is there
-        return config_dict
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a YAML or TOML experiment file, apply ``key=value`` overrides, build (types checked)."""
-    raw = read_config_file(path, overrides)
-    if raw.get("kind") == "tokenizer":  # tokenizer experiments have their own sections and command
-        raise ConfigError(f"{path} is a tokenizer experiment (kind: tokenizer): run it with mvar-dist train-tokenizer")
-    try:
-        return build(ExperimentConfig, raw, "")
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
-    return build(ExperimentConfig, dict(raw), "")
-
-
-def save_resolved(config: ExperimentConfig, path: Path) -> None:
+def save_resolved(config: Any, path: Path) -> None:
     """Write the fully resolved config (every default spelled out) atomically."""
     write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

@@ -24,10 +24,28 @@ def read_config_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[st
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
+    # a syntax error is one line, file:line:column (1-based) and the problem, as compilers write it
     try:
         raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: cannot parse: {err}") from err
+    except tomllib.TOMLDecodeError as err:  # "<problem> (at line L, column C)" or "(at end of document)"
+        problem, sep, where = str(err).rpartition(" (at line ")
+        if sep:
+            line, _, column = where.rstrip(")").partition(", column ")
+        else:
+            problem = str(err).replace(" (at end of document)", "")
+            line, column = str(text.count("\n") + 1), str(len(text) - text.rfind("\n"))
+        raise ConfigError(f"{path}:{line}:{column}: cannot parse TOML: {problem}") from err
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: cannot parse YAML: {err.problem or err.context}") from err
+    except yaml.YAMLError as err:  # a ReaderError: a character YAML does not allow, at an offset into text
+        offset = int(getattr(err, "position", 0))
+        line, column = text.count("\n", 0, offset) + 1, offset - text.rfind("\n", 0, offset)
+        character = getattr(err, "character", None)
+        code = f"#x{character:04x}" if isinstance(character, int) else repr(character)
+        problem = f"unacceptable character {code}: {getattr(err, 'reason', err)}"
+        raise ConfigError(f"{path}:{line}:{column}: cannot parse YAML: {problem}") from err
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")

@@ -1,5 +1,7 @@
-"""Checks of a whole experiment that no single field can make: batch arithmetic, schedules,
-files, SLURM resources. They run once, before any rank starts, and name the field and value."""
+"""Checks of a whole experiment that no single field can make, for both kinds (transformer and
+tokenizer): batch arithmetic, schedules, files, SLURM resources. They run once, before any rank
+starts, and name the field and value; :func:`mvar_dist.config.validate_experiment` picks the
+checks of a config's kind."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ from mvar_dist.config.deepspeed_templates import read_template
 from mvar_dist.config.experiment import ExperimentConfig
 from mvar_dist.config.loading import ConfigError
 from mvar_dist.config.sections import LaunchConfig, OptimConfig, SampleConfig
+from mvar_dist.config.tokenizer_experiment import TokenizerExperiment
 from mvar_dist.data.config import DataConfig
+from mvar_dist.shards.manifest import load_manifest
+from mvar_dist.tokenizer.vqvae import TokenizerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +38,7 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
                  "max_consecutive_nonfinite"):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(train, name)}")
-    per_step = train.micro_batch_size * world_size
-    if train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={train.global_batch_size} is not divisible by "
-            f"train.micro_batch_size ({train.micro_batch_size}) x world size ({world_size}) = {per_step}; "
-            f"choose a global batch that is a multiple of {per_step}"
-        )
+    check_batch_split(train.global_batch_size, train.micro_batch_size, world_size)
     if train.schedule == "paper" and model.mode != "mvar":
         raise ConfigError(
             "train.schedule='paper' rotates scale groups, which only mode='mvar' allows; "
@@ -63,6 +62,17 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
     for name, value in (("train.init_from", train.init_from), ("tokenizer.checkpoint", config.tokenizer.checkpoint)):
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{name}: file {value} does not exist")
+
+
+def check_batch_split(global_batch: int, micro_batch: int, world_size: int) -> None:
+    """Every optimizer step consumes the global batch exactly: micro batches x ranks x accumulation."""
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={global_batch} is not divisible by "
+            f"train.micro_batch_size ({micro_batch}) x world size ({world_size}) = {per_step}; "
+            f"choose a global batch that is a multiple of {per_step}"
+        )
 
 
 def _validate_eval(config: ExperimentConfig) -> None:
@@ -159,6 +169,23 @@ def _validate_shard_url_template(template: str) -> None:
         raise ConfigError(f"{name} {template!r} is not a valid template: {err!r}") from None
 
 
+def check_manifests(config: ExperimentConfig) -> None:
+    """The data.*_manifest files a job would read, read here: a job must not queue for hours to
+    fail on a typo. URLs (``s3://``, ``pipe:``) are left to the job, which may see other storage."""
+    data = config.data
+    if not data.train_manifest:
+        raise ConfigError("data.train_manifest is not set: point it at the train split's manifest.json (or its directory)")
+    for name, location in (("data.train_manifest", data.train_manifest), ("data.val_manifest", data.val_manifest)):
+        if not location or "://" in location or location.startswith("pipe:"):
+            continue
+        try:
+            load_manifest(location, data.shard_url_template)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{name}: {err}") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{name}: {location} is not a readable manifest.json: {err!r}") from None
+
+
 def validate_launch(launch: LaunchConfig) -> None:
     """Checks that need no cluster; messages name the flag and the config field."""
     for name in ("nodes", "cpus_per_task", "time"):
@@ -191,3 +218,78 @@ def validate_launch(launch: LaunchConfig) -> None:
     if launch.time <= 10:
         # submitit's has_timed_out() is always true then, so preemptions count as timeouts
         logger.warning("--time=%d min <= 10: every preemption counts against max_requeues as a timeout", launch.time)
+
+
+def validate_tokenizer(config: TokenizerExperiment, world_size: int) -> None:
+    """Everything a tokenizer run can get wrong before compute, naming the field and the value."""
+    train, loss, optim = config.train, config.loss, config.optim
+    for name in ("total_steps", "global_batch_size", "micro_batch_size", "log_every", "max_consecutive_nonfinite",
+                 "grid_images"):
+        if getattr(train, name) < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {getattr(train, name)}")
+    check_batch_split(train.global_batch_size, train.micro_batch_size, world_size)
+    for name in ("val_every_steps", "val_max_batches"):
+        if getattr(train, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0 (0 turns it off), got {getattr(train, name)}")
+    if train.val_every_steps and not config.data.val:
+        raise ConfigError(f"train.val_every_steps={train.val_every_steps} needs data.val (held-out images)")
+    for name in ("l1", "l2", "vq", "beta", "perceptual", "gan"):
+        finite_at_least(f"loss.{name}", getattr(loss, name), 0.0, strict=False)
+    if loss.l1 == loss.l2 == loss.perceptual == 0:
+        raise ConfigError("loss.l1, loss.l2 and loss.perceptual are all 0: nothing makes the decoder reconstruct")
+    if loss.perceptual and not loss.vgg_weights:
+        raise ConfigError("loss.perceptual > 0 needs loss.vgg_weights (torchvision's vgg16 state dict file); "
+                          "mvar-dist downloads nothing")
+    for name in ("vgg_weights", "lpips_weights"):
+        value = getattr(loss, name)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"loss.{name}: file {value} does not exist")
+    if loss.gan_start_step < 0 or loss.disc_channels < 1 or loss.disc_layers < 1:
+        raise ConfigError("loss.gan_start_step must be >= 0, loss.disc_channels and loss.disc_layers >= 1")
+    deepspeed = config.deepspeed
+    if deepspeed.precision != "fp32":
+        # DeepSpeed casts the whole VQVAE to 16 bits, and nearest-code search in 16-bit distances
+        # picks wrong codes; the network is small, so fp32 costs little
+        raise ConfigError(f"deepspeed.precision={deepspeed.precision}: tokenizer training runs in fp32 "
+                          "(set deepspeed.precision=fp32)")
+    if Path(deepspeed.template).stem.startswith("zero3"):
+        # the adaptive GAN weight needs the decoder's last layer whole and the validation grid runs
+        # the model on rank 0 alone, outside DeepSpeed's gathering forward
+        raise ConfigError(f"deepspeed.template={deepspeed.template}: tokenizer training supports ZeRO stages 1 "
+                          "and 2 (zero1, zero2); the VQVAE's weights fit on every GPU")
+    read_template(deepspeed.template, deepspeed.precision)
+    for name in ("lr", "eps"):
+        finite_at_least(f"optim.{name}", getattr(optim, name), 0.0, strict=True)
+    if optim.disc_lr is not None:
+        finite_at_least("optim.disc_lr", optim.disc_lr, 0.0, strict=True)
+    for index, beta in enumerate(optim.betas):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optim.betas[{index}] must be in [0, 1), got {beta}")
+    finite_at_least("optim.weight_decay", optim.weight_decay, 0.0, strict=False)
+    finite_at_least("optim.grad_clip", optim.grad_clip, 0.0, strict=False)
+    if not 0 <= optim.warmup_steps < train.total_steps:
+        raise ConfigError(f"optim.warmup_steps must be in 0..{train.total_steps - 1}, got {optim.warmup_steps}")
+    book = config.codebook
+    if not 0.0 < book.usage_decay < 1.0:
+        raise ConfigError(f"codebook.usage_decay must be in (0, 1), got {book.usage_decay}")
+    if book.restart_dead_every < 0 or book.dead_threshold < 0:
+        raise ConfigError("codebook.restart_dead_every and codebook.dead_threshold must be >= 0")
+    for name in ("every_steps", "keep_last"):
+        if getattr(config.checkpoint, name) < 1:
+            raise ConfigError(f"checkpoint.{name} must be >= 1, got {getattr(config.checkpoint, name)}")
+    if config.tokenizer.init_from and not Path(config.tokenizer.init_from).is_file():
+        raise ConfigError(f"tokenizer.init_from: file {config.tokenizer.init_from} does not exist")
+    if not config.data.train:
+        raise ConfigError("data.train is empty: name the training images (a folder, .tar shards or a list)")
+    try:
+        config.data.validate()
+        architecture = TokenizerConfig(**config.tokenizer.architecture())
+        size = architecture.downsample_factor * architecture.patch_nums[-1]
+        if config.data.image_size != size:
+            raise ValueError(
+                f"data.image_size={config.data.image_size} but the tokenizer's images are {size} px "
+                f"(2^(len(ch_mult)-1) x patch_nums[-1]); set data.image_size={size}"
+            )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    finite_at_least("tracking.timeout_s", config.tracking.timeout_s, 0.0, strict=True)

@@ -28,20 +28,18 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mvar_dist.data.plan import Chunk, TrainPlan, ValPlan, Window
-from mvar_dist.shards.format import CLS_FIELD, CODES_DTYPE, CODES_FIELD, NUM_VIEWS, decode_label
+from mvar_dist.shards import read_errors
+from mvar_dist.shards.format import (
+    CLS_FIELD,
+    CODES_DTYPE,
+    CODES_FIELD,
+    NUM_VIEWS,
+    decode_label,
+)
+from mvar_dist.shards.read_errors import BadDataError
 from mvar_dist.shards.tar_reader import ShardReadError, iter_samples, read_canonical
 
 logger = logging.getLogger(__name__)
-
-# Waits before the 2nd, 3rd, ... try of a shard that raised OSError: 4 tries over 7.5 s, for
-# hiccups; a longer outage makes the shard's samples bad (counted, or fatal under 'fail').
-# Looked up at each read, so tests can shorten it.
-READ_RETRY_DELAYS_S: tuple[float, ...] = (0.5, 2.0, 5.0)
-
-
-class BadDataError(RuntimeError):
-    """A shard or sample is unreadable and the policy is ``fail`` (or too much data is bad)."""
-
 
 @dataclass
 class WindowData:
@@ -72,11 +70,11 @@ class WindowReader:
         bad.setdefault(name, f"sample {key}: {reason}")
 
     def _read_shard(self, shard: int) -> bytes:
-        """The shard's bytes; an OSError is retried after each of READ_RETRY_DELAYS_S, then raised
+        """The shard's bytes; an OSError is retried after each of read_errors.READ_RETRY_DELAYS_S, then raised
         with the number of tries in its message."""
         import webdataset  # opener for paths, file:, pipe:, http(s):, ... URLs
 
-        url, delays, attempt = self.shard_urls[shard], READ_RETRY_DELAYS_S, 0
+        url, delays, attempt = self.shard_urls[shard], read_errors.READ_RETRY_DELAYS_S, 0
         while True:
             try:
                 with webdataset.gopen(url, "rb") as stream:

@@ -1,5 +1,7 @@
-"""What runs inside a submitted job (the in-job entry of ``mvar-dist submit``): rendezvous from the SLURM environment, the trainer on each
-rank, and requeueing on preemption or time limit through submitit's checkpoint mechanism.
+"""What runs inside a submitted job (the in-job entry of ``mvar-dist submit``): rendezvous from the
+SLURM environment, the run skeleton (:func:`mvar_dist.runtime.loop.run_training`) on each rank
+with the task of the experiment's kind, and requeueing on preemption or time limit through
+submitit's checkpoint mechanism.
 
 Order of events on preemption: Slurm sends USR2 to every task (``--signal=USR2@signal_delay_s``
 before the time limit, ``scancel --signal=USR2``, or a job in a higher-priority partition).
@@ -31,11 +33,10 @@ from typing import Any
 
 import submitit
 
-from mvar_dist.config import ExperimentConfig
-from mvar_dist.tokenizer_training.config import TokenizerExperiment
+from mvar_dist.config import Experiment
 from mvar_dist.run_dir import RunDir
+from mvar_dist.runtime.distributed import RankEnv
 from mvar_dist.tracking.run_record import read_run_record
-from mvar_dist.training.distributed import RankEnv
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def tag_mlflow_run(run_dir: Path, tags: dict[str, str]) -> None:
         logger.warning("could not tag MLflow run %s: %s", record.run_id, err)
 
 
-def stopped_before_end(config: ExperimentConfig | TokenizerExperiment) -> bool:
+def stopped_before_end(config: Experiment) -> bool:
     """True when the trainer returned on a stop signal: its last checkpoint is before total_steps."""
     point = RunDir(Path(config.run.dir)).read_latest()
     return point is None or point.step < config.train.total_steps
@@ -99,14 +100,14 @@ def stopped_before_end(config: ExperimentConfig | TokenizerExperiment) -> bool:
 class TrainingJob(submitit.helpers.Checkpointable):
     """Every task of the job runs this: the trainer, in-process, on its rank."""
 
-    config: ExperimentConfig | TokenizerExperiment
+    config: Experiment
     cluster: str = "slurm"
     max_requeues: int = 10
     requeues: int = 0  # how many times this job has requeued itself so far
 
     def __call__(self) -> dict[str, Any]:
-        from mvar_dist.tokenizer_training.trainer import TokenizerTrainer
-        from mvar_dist.training.trainer import Trainer
+        from mvar_dist.runtime.loop import run_training
+        from mvar_dist.tasks import training_task
 
         # the task's stderr is its log file; submitit configures only its own logger
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -115,8 +116,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         logger.info("rank %d of %s, rendezvous %s:%s, requeued %d times so far", rank, rendezvous["WORLD_SIZE"],
                     rendezvous["MASTER_ADDR"], rendezvous["MASTER_PORT"], self.requeues)
         requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's; the trainer replaces it
-        trainer = TokenizerTrainer if isinstance(self.config, TokenizerExperiment) else Trainer
-        code = trainer(self.config).run()
+        code = run_training(training_task(self.config))
         if code != 0:
             raise RuntimeError(f"training exited with code {code} on rank {rank}; see this task's log")
         run_dir = Path(self.config.run.dir)

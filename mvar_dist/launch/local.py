@@ -10,7 +10,7 @@ import subprocess
 import time
 from typing import Sequence
 
-from mvar_dist.training.distributed import RankEnv, free_port
+from mvar_dist.runtime.distributed import RankEnv, free_port
 
 logger = logging.getLogger(__name__)
 

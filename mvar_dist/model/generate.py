@@ -2,16 +2,62 @@
 
 ``mvar`` runs every scale on its own tokens only: no KV cache, memory independent of the earlier
 scales. ``var`` keeps a per-block KV cache so that each scale attends to all earlier ones.
+
+The loop asks of a model only what :class:`SamplingModel` names, so this module never imports the
+transformer, not even for types: ``MVAR.generate`` calls :func:`generate`, and ``MVAR.forward``
+checks its labels with :func:`check_labels`, the check the sampler runs too.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+import torch.nn as nn
 
-if TYPE_CHECKING:
-    from mvar_dist.model.transformer import MVAR
+from mvar_dist.model.attention import AttentionPlan
+from mvar_dist.model.blocks import KVCache
+from mvar_dist.model.config import MVARConfig
+from mvar_dist.scales import ScaleLayout
+
+
+class SamplingModel(Protocol):
+    """What the sampling loop uses of a model; :class:`mvar_dist.model.MVAR` has all of it."""
+
+    config: MVARConfig
+    layout: ScaleLayout
+    num_classes: int
+    training: bool
+    class_emb: nn.Embedding
+
+    def eval(self) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def new_kv_caches(self) -> list[KVCache]: ...
+
+    def attention_plan(self, scales: tuple[int, ...]) -> AttentionPlan: ...
+
+    def scale_tokens(
+        self, scale: int, start: torch.Tensor | None = None, teacher: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+    def logits(
+        self, x: torch.Tensor, cond: torch.Tensor, plan: AttentionPlan | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor: ...
+
+
+def check_labels(label: torch.Tensor, num_classes: int) -> None:
+    """A 1-D integer tensor of class ids in 0..num_classes (``num_classes`` = the null class)."""
+    if label.dim() != 1 or label.dtype not in (torch.long, torch.int, torch.int32):
+        raise ValueError(f"label must be a 1-D integer tensor (batch,), got {label.dtype} {tuple(label.shape)}")
+    # one host sync per call buys a clear message instead of a device-side assert
+    if bool(((label < 0) | (label > num_classes)).any()):
+        raise ValueError(
+            f"labels must be in 0..{num_classes} ({num_classes} = null class), "
+            f"got range {int(label.min())}..{int(label.max())}"
+        )
 
 
 def guidance_weight(cfg: float, scale: int, num_scales: int) -> float:
@@ -53,7 +99,7 @@ def sample_codes(
     return codes.view(batch, n)
 
 
-def _check_tokenizer(model: "MVAR", tokenizer: Any) -> None:
+def _check_tokenizer(model: SamplingModel, tokenizer: Any) -> None:
     for name, ours in (
         ("layout", model.layout),
         ("vocab_size", model.config.vocab_size),
@@ -65,7 +111,7 @@ def _check_tokenizer(model: "MVAR", tokenizer: Any) -> None:
 
 
 def generate(
-    model: "MVAR",
+    model: SamplingModel,
     labels: torch.Tensor,
     tokenizer: Any,
     cfg: float = 2.7,
@@ -78,9 +124,10 @@ def generate(
     Defaults are the published d16 settings. The same ``seed`` gives the same output regardless
     of the global RNG; ``seed=None`` draws a fresh one. Label ``num_classes`` is unconditional.
     The model runs in eval mode (no drop-path) and is put back in its previous mode afterwards.
+    ``model.generate(labels, tokenizer, ...)`` of an ``MVAR`` is this function on that model.
     """
     _check_tokenizer(model, tokenizer)
-    model._check_labels(labels)
+    check_labels(labels, model.num_classes)
     if cfg < 0:
         raise ValueError(f"cfg must be >= 0, got {cfg}")
     generator = torch.Generator(device=labels.device)
@@ -98,7 +145,7 @@ def generate(
 
 @torch.no_grad()
 def _sample(
-    model: "MVAR", labels: torch.Tensor, tokenizer: Any, cfg: float, top_k: int, top_p: float,
+    model: SamplingModel, labels: torch.Tensor, tokenizer: Any, cfg: float, top_k: int, top_p: float,
     generator: torch.Generator,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     layout = model.layout

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from mvar_dist.model.attention import AttentionPlan
 from mvar_dist.model.blocks import AdaLNBeforeHead, AdaLNSelfAttentionBlock, KVCache, drop_ignored_keys
 from mvar_dist.model.config import MVARConfig
-from mvar_dist.model.generate import generate as sample_images
+from mvar_dist.model.generate import check_labels, generate as sample_images
 from mvar_dist.model.pretrained import read_export_weights
 
 # Buffers of the released checkpoints that are derived from the config; accepted on load, not kept.
@@ -115,16 +115,6 @@ class MVAR(nn.Module):
 
     # ----- inputs -----
 
-    def _check_labels(self, label: torch.Tensor) -> None:
-        if label.dim() != 1 or label.dtype not in (torch.long, torch.int, torch.int32):
-            raise ValueError(f"label must be a 1-D integer tensor (batch,), got {label.dtype} {tuple(label.shape)}")
-        # one host sync per forward buys a clear message instead of a device-side assert
-        if bool(((label < 0) | (label > self.num_classes)).any()):
-            raise ValueError(
-                f"labels must be in 0..{self.num_classes} ({self.num_classes} = null class), "
-                f"got range {int(label.min())}..{int(label.max())}"
-            )
-
     def scale_tokens(self, scale: int, start: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> torch.Tensor:
         """Input tokens of one scale: ``start`` = class embeddings (B, C) for scale 0, else
         ``teacher`` = (B, pn^2, z_channels) teacher input of the scale. Adds level + position."""
@@ -169,7 +159,7 @@ class MVAR(nn.Module):
         """label (B,), teacher_input (B, L - first_len, z_channels) -> logits (B, n, V) for the
         tokens of ``scales`` in sequence order. In training mode labels are dropped to the null class."""
         scales = self.check_scales(scales)
-        self._check_labels(label)
+        check_labels(label, self.num_classes)
         self._check_teacher_input(teacher_input, label.shape[0], scales)
         cond = self.class_emb(self.drop_labels(label))
         offset = self.layout.scale_len(0)
@@ -236,7 +226,9 @@ class MVAR(nn.Module):
         return model.eval()
 
     def generate(self, labels: torch.Tensor, tokenizer: Any, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Sample codes and images; see :func:`mvar_dist.model.generate.generate` for the arguments."""
+        """Sample one image per label: the public entry to sampling. Keywords ``cfg`` (2.7),
+        ``top_k`` (1200), ``top_p`` (0.99), ``seed`` (None: a fresh one); returns (codes per scale,
+        images in [0, 1]). The loop is :func:`mvar_dist.model.generate.generate`."""
         return sample_images(self, labels, tokenizer, **kwargs)
 
     def extra_repr(self) -> str:

@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from mvar_dist.atomic import write_bytes, write_json
-from mvar_dist.config import apply_overrides, config_from_dict, incompatible_keys
+from mvar_dist.config import apply_overrides, config_from_dict, resume_conflicts
 from mvar_dist.data_prep.merge import merge_manifest
 from mvar_dist.data_prep.shard import shard_dataset
 from mvar_dist.data_prep.sources import list_class_folder
@@ -141,7 +141,7 @@ def finished_checkpoint_step(raw: dict[str, Any], steps: int) -> int | None:
     point = RunDir(Path(raw["run"]["dir"])).read_latest()
     if point is None:
         return None
-    changed = incompatible_keys(point.run_state["config"], config_from_dict(raw).to_dict())
+    changed = resume_conflicts(point.run_state.config, config_from_dict(raw))
     if changed:
         raise QuickstartError(
             f"{raw['run']['dir']} holds a checkpoint of a different experiment ({', '.join(changed)} changed); "

@@ -16,7 +16,6 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from mvar_dist.model.generate import generate
 from mvar_dist.model.transformer import MVAR
 from mvar_dist.sampling.images import to_uint8_hwc
 from mvar_dist.tokenizer.base import Tokenizer
@@ -26,7 +25,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """None leaves the setting to :func:`mvar_dist.model.generate.generate`'s default."""
+    """None leaves the setting to ``MVAR.generate``'s default (:func:`mvar_dist.model.generate.generate`)."""
 
     cfg: float | None = None
     top_k: int | None = None
@@ -82,6 +81,6 @@ def sample_batches(
         for index, start in enumerate(range(0, len(labels), batch_size)):
             batch = torch.tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
             with autocast:
-                _, images = generate(model, batch, tokenizer, seed=batch_seed(seed, index), **settings.kwargs())
+                _, images = model.generate(batch, tokenizer, seed=batch_seed(seed, index), **settings.kwargs())
             yield to_uint8_hwc(images)
             bar.update(len(batch))

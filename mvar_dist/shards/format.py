@@ -1,4 +1,5 @@
-"""The on-disk format of one code sample, and a fast streaming reader for our tar shards.
+"""The on-disk format of one code sample: its fields, key derivation, encoding and decoding, and
+``ShardWriter``, which writes samples to a tar shard byte-for-byte reproducibly.
 
 A sample is three tar members sharing a key (WebDataset convention ``<key>.<field>``):
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
+CODEBOOK = "codebook"  # the key of the usage statistics in a tokenizer run's per-rank checkpoint state
 CANDIDATES_PER_RANK = 256  # residual vectors each rank offers for restarting dead codes
 
 

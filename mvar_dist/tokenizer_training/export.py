@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from mvar_dist.atomic import write_json, write_via_temp
+from mvar_dist.config import TOKENIZER, TokenizerExperiment, experiment_from_dict
 from mvar_dist.run_dir import RunDir
+from mvar_dist.run_state import read_rank_state
+from mvar_dist.runtime.zero_checkpoint import consolidate
 from mvar_dist.tokenizer import MultiScaleVQVAE
-from mvar_dist.tokenizer_training.config import tokenizer_experiment_from_dict
-from mvar_dist.training.export import consolidate
+from mvar_dist.tokenizer_training.codebook import CODEBOOK
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +34,6 @@ RELEASED = "vae.pth"
 CONFIG = "config.json"
 FORMAT = "mvar-dist-tokenizer-export/1"
 USAGE_KEY = "quantize.ema_vocab_hit_SV"
-
-
-def is_tokenizer_run(run_dir: str | Path) -> bool:
-    """True when the run's newest checkpoint was written by tokenizer training."""
-    point = RunDir(Path(run_dir)).read_latest()
-    return point is not None and point.run_state.get("config", {}).get("kind") == "tokenizer"
 
 
 def usage_as_counts(rates: torch.Tensor, patch_nums: tuple[int, ...], images_per_forward: int) -> torch.Tensor:
@@ -61,13 +57,13 @@ def export_tokenizer_run(run_dir: str | Path, out_dir: str | Path, tag: str = "l
     run = RunDir(Path(run_dir))
     tag = run.resolve_tag(tag)
     point = run.read_resume_point(tag)
-    config = tokenizer_experiment_from_dict(point.run_state["config"])
+    config: TokenizerExperiment = experiment_from_dict(point.run_state.config, TOKENIZER)  # type: ignore[assignment]
     model = MultiScaleVQVAE(**config.tokenizer.architecture())
     state = consolidate(run.checkpoints, tag)
     model.load_state_dict(state, strict=True)
-    rank_state = torch.load(run.rank_file(tag, 0), map_location="cpu", weights_only=True)
-    images_per_forward = config.train.micro_batch_size * int(point.run_state["world_size"])
-    usage = usage_as_counts(rank_state["codebook"]["ema"], tuple(config.tokenizer.patch_nums), images_per_forward)
+    rank_state = read_rank_state(run.rank_file(tag, 0))
+    images_per_forward = config.train.micro_batch_size * point.run_state.world_size
+    usage = usage_as_counts(rank_state.task[CODEBOOK]["ema"], tuple(config.tokenizer.patch_nums), images_per_forward)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).unlink(missing_ok=True)  # an interrupted re-export must not look complete
@@ -80,7 +76,7 @@ def export_tokenizer_run(run_dir: str | Path, out_dir: str | Path, tag: str = "l
         "identity": model.identity(),
         "files": {"safetensors": SAFETENSORS, "released": RELEASED},
         "training": {"run_dir": str(run.path.resolve()), "checkpoint_tag": tag, "steps": point.step,
-                     "mlflow_run_id": point.run_state.get("mlflow_run_id")},
+                     "mlflow_run_id": point.run_state.mlflow_run_id},
     }
     write_json(paths["config"], metadata, indent=2)  # last: its presence marks a complete export
     logger.info("exported tokenizer %s to %s", run.tag_dir(tag), out)

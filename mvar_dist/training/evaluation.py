@@ -17,18 +17,13 @@ import torch.nn.functional as F
 from mvar_dist.config import ExperimentConfig
 from mvar_dist.sampling.images import compose_grid, to_uint8_hwc
 from mvar_dist.scales import ScaleLayout
-from mvar_dist.training.step import scale_metrics
+from mvar_dist.training.losses import scale_metrics
 
 logger = logging.getLogger(__name__)
 
 
 def _rng_devices(device: torch.device) -> list[torch.device]:
     return [device] if device.type == "cuda" else []
-
-
-def is_due(every: int, step: int, total_steps: int) -> bool:
-    """Every ``every`` steps and at the last step; never when ``every`` is 0."""
-    return every > 0 and (step % every == 0 or step == total_steps)
 
 
 # ----- validation -----

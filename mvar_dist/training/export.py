@@ -9,11 +9,8 @@ torch.distributed.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,53 +24,13 @@ from mvar_dist.model.pretrained import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_F
 from mvar_dist.model.released import official_state_dict
 from mvar_dist.model.transformer import MVAR
 from mvar_dist.run_dir import RunDir
+from mvar_dist.runtime.zero_checkpoint import consolidate
 from mvar_dist.tokenizer import load_tokenizer
 from mvar_dist.tracking.run_record import read_run_record
-from mvar_dist.training.safe_loading import inspect_files, weights_only_loading
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Wrappers that prefix parameter names: DeepSpeed/DDP, torch.compile, activation checkpointing.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.", "_checkpoint_wrapped_module.")
-
-
-# ----- reading a run -----
-
-
-def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
-
-
-def consolidate(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights of a ZeRO 1/2/3 checkpoint, merged from every rank's partition by DeepSpeed."""
-    tag_dir = checkpoint_dir / tag
-    if not any(tag_dir.glob("*optim_states.pt")):
-        raise ValueError(
-            f"{tag_dir} holds no ZeRO optimizer partitions (*optim_states.pt); export reads "
-            f"DeepSpeed ZeRO stage 1-3 checkpoints"
-        )
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed probes for an accelerator on import
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    problem = inspect_files(tag_dir)  # raises for a file that would run code when unpickled
-    if problem is not None:
-        raise ValueError(f"{tag_dir} is damaged: {problem}")
-    chatter = io.StringIO()  # zero_to_fp32 prints its progress
-    with contextlib.redirect_stdout(chatter), weights_only_loading():
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    logger.debug("zero_to_fp32: %s", chatter.getvalue().strip())
-    return strip_wrapper_prefixes({k: v.detach().cpu() for k, v in state.items()})
 
 
 def _final_metrics(run_dir: RunDir, run_id: str | None, step: int) -> dict[str, float]:
@@ -113,8 +70,8 @@ def _tokenizer_identity(config: ExperimentConfig) -> dict[str, Any] | None:
 def export_metadata(run_dir: RunDir, tag: str, dtype: str) -> dict[str, Any]:
     """config.json content: the model, tokenizer, sampling settings and training summary."""
     run_state = run_dir.read_resume_point(tag).run_state
-    config = config_from_dict(run_state["config"])  # the config the weights were trained with
-    step = int(run_state["step"])
+    config = config_from_dict(run_state.config)  # the config the weights were trained with
+    step = run_state.step
     tokenizer = {
         "kind": config.tokenizer.kind,
         "checkpoint": config.tokenizer.checkpoint,
@@ -134,10 +91,10 @@ def export_metadata(run_dir: RunDir, tag: str, dtype: str) -> dict[str, Any]:
             "checkpoint_tag": tag,
             "steps": step,
             "images_seen": step * config.train.global_batch_size,
-            "world_size": run_state.get("world_size"),
-            "config_hash": run_state.get("config_hash"),
-            "mlflow_run_id": run_state.get("mlflow_run_id"),
-            "final_metrics": _final_metrics(run_dir, run_state.get("mlflow_run_id"), step),
+            "world_size": run_state.world_size,
+            "config_hash": run_state.config_hash,
+            "mlflow_run_id": run_state.mlflow_run_id,
+            "final_metrics": _final_metrics(run_dir, run_state.mlflow_run_id, step),
         },
     }
 

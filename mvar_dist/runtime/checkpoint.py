@@ -1,65 +1,38 @@
-"""Checkpoints a killed job resumes from exactly: every rank's DeepSpeed state plus its RNG and
-data-loader state, ``latest`` moved last, old tags pruned. The layout is
-:class:`mvar_dist.run_dir.RunDir`'s; this module is the only writer."""
+"""Checkpoints a killed job resumes from exactly: every engine's DeepSpeed state, rank 0's
+:class:`~mvar_dist.run_state.RunState` and every rank's :class:`~mvar_dist.run_state.RankState`,
+``latest`` moved last, old tags pruned; and, on resume, the newest complete tag (falling back
+past damaged ones). The layout is :class:`mvar_dist.run_dir.RunDir`'s, the run-state files
+:mod:`mvar_dist.run_state`'s; this module is the only writer of ``checkpoints/``."""
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
-from mvar_dist.atomic import fsync_path, write_bytes, write_json, write_via_temp
+from mvar_dist.atomic import fsync_path, write_bytes, write_json
 from mvar_dist.run_dir import FILES_RECORD, ResumePoint, RunDir, step_of, tag_for
-from mvar_dist.training.safe_loading import inspect_files, weights_only_loading
+from mvar_dist.run_state import RankState, RunState, read_rank_state, write_rank_state, write_run_state
+from mvar_dist.runtime.safe_loading import inspect_files, weights_only_loading
 
 logger = logging.getLogger(__name__)
 
 _PER_RANK = re.compile(r"zero_pp_rank_(\d+)_|^rank_(\d+)\.pt$")
 
 
-# ----- RNG states -----
+@dataclass(frozen=True)
+class Engines:
+    """The DeepSpeed engines of a run: ``main`` is saved at the top of each tag, every one of
+    ``others`` (a discriminator) in a sub-directory of the tag named after its key."""
 
-
-def rng_states(device: torch.device) -> dict[str, Any]:
-    """Every generator training draws from (label drop and drop path use torch's global one)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def set_rng_states(state: dict[str, Any], device: torch.device) -> None:
-    random.setstate(_to_tuples(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _to_tuples(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_to_tuples(v) for v in value)
-    return value
+    main: Any
+    others: dict[str, Any] = field(default_factory=dict)
 
 
 # ----- checkpoint files -----
@@ -70,31 +43,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_checkpoint(
-    engine: Any, run_dir: RunDir, step: int, run_state: dict[str, Any], rank_state: dict[str, Any], keep_last: int,
-    others: Mapping[str, Any] | None = None,
-) -> Path:
+def save_checkpoint(engines: Engines, run_dir: RunDir, run_state: RunState, rank_state: RankState,
+                    keep_last: int) -> Path:
     """Collective: every rank writes its part and makes it durable; ``latest`` moves only once
     all files of the tag and the tag directory are on disk (a node crash may lose the newest
-    tag, never leave ``latest`` naming a tag that is incomplete). ``others`` are more engines
-    of the run (a discriminator), each saved in a sub-directory of the tag named after it."""
+    tag, never leave ``latest`` naming a tag that is incomplete)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tag = tag_for(step)
+    tag = tag_for(run_state.step)
     tag_dir = run_dir.tag_dir(tag)
-    engine.save_checkpoint(str(run_dir.checkpoints), tag=tag, client_state={"run_state": run_state}, save_latest=False)
-    for name, other in (others or {}).items():
+    engines.main.save_checkpoint(str(run_dir.checkpoints), tag=tag, client_state={"run_state": run_state.to_json()},
+                                 save_latest=False)
+    for name, other in engines.others.items():
         other.save_checkpoint(str(tag_dir), tag=name, save_latest=False)
     tag_dir.mkdir(parents=True, exist_ok=True)
-    write_via_temp(run_dir.rank_file(tag, rank), lambda tmp: torch.save(rank_state, tmp))
+    write_rank_state(run_dir.rank_file(tag, rank), rank_state)
     for path in _files(tag_dir):
         if _written_by(path.name, rank):  # DeepSpeed writes without fsync
             fsync_path(path)
     _barrier()
     if rank == 0:
-        write_json(run_dir.run_state_file(tag), run_state)
+        write_run_state(run_dir.run_state_file(tag), run_state)
         sizes = {str(p.relative_to(tag_dir)): p.stat().st_size for p in _files(tag_dir)}
         write_json(run_dir.tag_dir(tag) / FILES_RECORD, sizes)
-        for directory in [*(tag_dir / name for name in others or {}), tag_dir]:
+        for directory in [*(tag_dir / name for name in engines.others), tag_dir]:
             fsync_path(directory)
         write_bytes(run_dir.latest_file, (tag + "\n").encode())
         prune_checkpoints(run_dir, keep_last)
@@ -130,11 +101,12 @@ def prune_checkpoints(run_dir: RunDir, keep_last: int) -> None:
             shutil.rmtree(run_dir.tag_dir(tag_for(s)), ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, run_dir: RunDir, point: ResumePoint, others: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Load weights, optimizer and DeepSpeed state into ``engine`` (and ``others``, as saved; no
-    unpickling of anything but tensors and DeepSpeed's few types); returns this rank's extra state."""
+def load_checkpoint(engines: Engines, run_dir: RunDir, point: ResumePoint) -> RankState:
+    """Load weights, optimizer and DeepSpeed state into the engines, as saved (no unpickling of
+    anything but tensors and DeepSpeed's few types); returns this rank's state."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    loads = [(engine, run_dir.checkpoints, point.tag), *((e, run_dir.tag_dir(point.tag), n) for n, e in (others or {}).items())]
+    loads = [(engines.main, run_dir.checkpoints, point.tag),
+             *((e, run_dir.tag_dir(point.tag), n) for n, e in engines.others.items())]
     for target, directory, tag in loads:
         with weights_only_loading():
             path, _ = target.load_checkpoint(
@@ -148,7 +120,7 @@ def load_checkpoint(engine: Any, run_dir: RunDir, point: ResumePoint, others: Ma
             f"{rank_file} is missing: the checkpoint was written by fewer ranks than this job has; "
             f"resume with the same world size"
         )
-    return torch.load(rank_file, map_location="cpu", weights_only=True)
+    return read_rank_state(rank_file)
 
 
 # ----- finding a checkpoint to resume from -----
@@ -172,7 +144,7 @@ def damage(run_dir: RunDir, tag: str) -> str | None:
                 return f"{name} is missing"
             if path.stat().st_size != size:
                 return f"{name} has {path.stat().st_size} bytes, {size} when it was written"
-    for rank in range(int(point.run_state.get("world_size") or 1)):
+    for rank in range(point.run_state.world_size):
         if not run_dir.rank_file(tag, rank).is_file():
             return f"{run_dir.rank_file(tag, rank).name} is missing"
     return inspect_files(tag_dir)

@@ -15,7 +15,7 @@ Two kinds of source (the ``data.train`` / ``data.val`` value decides which):
   read (memory-mapped), never image bytes, so indexing costs a few pages per sample.
 
 Why remote URLs (``s3://``, ``https://``, ``pipe:``) are refused: training draws samples in a
-random global order (a permutation of all images each epoch, see :mod:`mvar_dist.data.images`),
+random global order (a permutation of all images each epoch, see :mod:`mvar_dist.images.loader`),
 which needs random access to any sample by byte offset. Streams can only be read front to back;
 the code loader copes by reading whole shards in a shuffle window, but an image shard is 100x
 larger than a code shard. Copy the shards to local disk or a shared file system.
@@ -40,14 +40,13 @@ from typing import Literal
 
 import numpy as np
 
-from mvar_dist.data import reader as _reader  # READ_RETRY_DELAYS_S, looked up at each read
-from mvar_dist.data.reader import BadDataError
+from mvar_dist.image_decoding import IMAGE_EXTENSIONS, is_image_name
+from mvar_dist.shards import read_errors
+from mvar_dist.shards.read_errors import BadDataError
 from mvar_dist.shards.tar_reader import member_offsets
 
 logger = logging.getLogger(__name__)
 
-# the same list as data_prep.sources (not imported: the loader does not depend on data_prep)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _IMAGE_FIELDS = tuple(e[1:] for e in IMAGE_EXTENSIONS)
 _REMOTE = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]*://|pipe:)")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -152,10 +151,6 @@ def _index(location: str, kind: Literal["folder", "shards"], containers: tuple[s
                       column(3, np.int64), b"".join(encoded), np.cumsum([len(e) for e in encoded], dtype=np.int64), classes)
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _walk_images(root: str, relative: str) -> list[str]:
     """Image paths under ``root/relative`` relative to ``root``, sorted, recursively."""
     found, folders = [], []
@@ -166,7 +161,7 @@ def _walk_images(root: str, relative: str) -> list[str]:
             path = f"{relative}/{entry.name}" if relative else entry.name
             if entry.is_dir():
                 folders.append(path)
-            elif _is_image(entry.name):
+            elif is_image_name(entry.name):
                 found.append(path)
     for folder in folders:
         found.extend(_walk_images(root, folder))
@@ -187,7 +182,7 @@ def index_folder(root: str, classes: tuple[str, ...] | None = None, location: st
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise ValueError(f"{root} has class folders not in the class list: {unknown[:5]}")
-        top = [e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name)]
+        top = [e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name)]
         if top:
             logger.warning("%s: ignored %d images beside the class folders (e.g. %s)", root, len(top), top[0])
         number = {name: i for i, name in enumerate(classes)}
@@ -252,7 +247,7 @@ def index_shards(paths: list[str], bad_data: Literal["skip", "fail"] = "skip", l
     for number, path in enumerate(paths):
         if path.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
             raise ValueError(f"shard {path} is compressed: random access needs plain .tar shards")
-        for attempt, delay in enumerate((*_reader.READ_RETRY_DELAYS_S, None)):
+        for attempt, delay in enumerate((*read_errors.READ_RETRY_DELAYS_S, None)):
             try:
                 shard_rows, shard_labelled = _index_shard(number, path, bad_data)
                 break
@@ -333,9 +328,9 @@ class SampleReader:
         return data
 
     def read(self, i: int) -> bytes:
-        """Sample ``i``'s image bytes; an OSError is retried after each of the code reader's
-        READ_RETRY_DELAYS_S, then raised with the number of tries."""
-        delays = _reader.READ_RETRY_DELAYS_S
+        """Sample ``i``'s image bytes; an OSError is retried after each delay of
+        read_errors.READ_RETRY_DELAYS_S, then raised with the number of tries."""
+        delays = read_errors.READ_RETRY_DELAYS_S
         for attempt in range(len(delays) + 1):
             try:
                 return self._read_once(i)

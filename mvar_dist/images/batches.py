@@ -1,6 +1,7 @@
 """What a DataLoader worker of the image loader does: which samples each batch holds (the
 plans), decoding and augmenting one image, and reading one batch with its bad images replaced
-(training) or masked (validation). The loaders around it are :mod:`mvar_dist.data.images`.
+(training) or masked (validation). The loaders around it are :mod:`mvar_dist.images.loader`;
+decoding to 8-bit RGB is :mod:`mvar_dist.image_decoding`, shared with ``mvar-dist prep``.
 
 Every random choice comes from a numpy generator seeded by the values it may depend on, with a
 domain tag first so that the streams never coincide (SeedSequence treats ``[a, b]`` and
@@ -16,7 +17,6 @@ None of them involves the rank, the worker or the number of workers.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,29 +27,22 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mvar_dist.data.image_sources import SampleReader
-from mvar_dist.data.reader import BadDataError
+from mvar_dist.image_decoding import MAX_ASPECT_RATIO, open_rgb
+from mvar_dist.images.sources import BadDataError, SampleReader
 
 logger = logging.getLogger(__name__)
 
 ORDER, VIEW, FILL = 0x0DE5, 0x71E4, 0xF111  # SeedSequence domain tags (see the module docstring)
-MAX_ASPECT = 50.0  # longer side / shorter side beyond which an image is bad (banners, strips)
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class BadImage(Exception):
-    """An image that does not decode, or whose aspect ratio is beyond MAX_ASPECT."""
+    """An image that does not decode, or whose aspect ratio is beyond MAX_ASPECT_RATIO."""
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB. 16-bit grayscale (modes I;16*, and I, which older Pillow gives 16-bit PNGs) is
-    scaled by 255/65535 and rounded: Pillow's own conversion clips it to 255, which turns most
-    16-bit images white. 16-bit RGB PNGs already open as 8-bit RGB (Pillow keeps the high byte)."""
-    if image.mode in _SIXTEEN_BIT:
-        values = np.asarray(image).astype(np.int64).clip(0, 65535)
-        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
+def _check_size(width: int, height: int) -> None:
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise BadImage(f"size {width}x{height}: aspect ratio beyond {MAX_ASPECT_RATIO:g}:1")
 
 
 def decode_view(data: bytes, size: int, resize: int, resample: str, rng: np.random.Generator | None,
@@ -60,12 +53,7 @@ def decode_view(data: bytes, size: int, resize: int, resample: str, rng: np.rand
     horizontal flip with probability 1/2 when ``flip``. ``rng`` draws top, left, flip in that
     order; None means centre crop, no flip. Raises BadImage."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
-                raise BadImage(f"size {width}x{height}: aspect ratio beyond {MAX_ASPECT:g}:1")
-            image.load()
-            rgb = to_rgb(image)
+        rgb = open_rgb(data, _check_size)[0]
     except BadImage:
         raise
     except UnidentifiedImageError:

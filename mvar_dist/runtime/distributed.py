@@ -1,12 +1,15 @@
 """The rank environment: who this process is (rank, world size, local rank) and where ranks
 meet (env:// rendezvous). Launchers build it with :class:`RankEnv` (local ranks, SLURM tasks);
-the trainer reads it back, from the torch variables or from SLURM's own."""
+the run skeleton reads it back, from the torch variables or from SLURM's own, and joins the
+process group (:func:`init_distributed`)."""
 
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -57,3 +60,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def init_distributed(rank_env: RankEnv, backend: str | None) -> torch.device:
+    """env:// rendezvous (gloo on CPU, NCCL on GPUs unless ``backend`` says otherwise); returns
+    this rank's device."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    export_rank_env(rank_env)
+    deepspeed.init_distributed(dist_backend=backend or ("nccl" if cuda else "gloo"), init_method="env://")
+    if cuda:
+        torch.cuda.set_device(rank_env.local_rank)
+        return torch.device("cuda", rank_env.local_rank)
+    return torch.device("cpu")
