@@ -26,19 +26,27 @@ TRAINING_EPILOG = """exit status: 0 done; 1 the run failed; 2 a user error in th
 a run directory of another experiment); 128+N a rank killed by signal N."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def training_parser(prog: str, description: str, config_example: str) -> argparse.ArgumentParser:
+    """The flags every training command takes: the experiment file, ``--nproc``, overrides."""
     parser = argparse.ArgumentParser(
-        prog="mvar-dist train", formatter_class=HelpFormatter, epilog=TRAINING_EPILOG,
-        description="Train MVAR or VAR with DeepSpeed on code shards, one process per rank.\n"
-                    "With --nproc N this spawns N local ranks; under SLURM (mvar-dist submit) every task\n"
-                    "runs it without --nproc. See docs/training.md.",
+        prog=prog, formatter_class=HelpFormatter, epilog=TRAINING_EPILOG, description=description,
     )
-    parser.add_argument("--config", required=True, help="experiment file, e.g. configs/mvar_d16.yaml")
+    parser.add_argument("--config", required=True, help=f"experiment file, e.g. {config_example}")
     parser.add_argument("--nproc", type=int, default=0, metavar="N",
                         help="spawn N local ranks (CPU or GPUs of this machine); by default this process is "
                              "one rank, started by srun or another launcher")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.total_steps=20")
     return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return training_parser(
+        "mvar-dist train",
+        "Train MVAR or VAR with DeepSpeed on code shards, one process per rank.\n"
+        "With --nproc N this spawns N local ranks; under SLURM (mvar-dist submit) every task\n"
+        "runs it without --nproc. See docs/training.md.",
+        "configs/mvar_d16.yaml",
+    )
 
 
 def launched_rank(environ: Mapping[str, str] | None = None) -> int:
