@@ -107,8 +107,9 @@ def test_override_syntax_error():
 @pytest.mark.parametrize(
     "overrides, world, message",
     [
-        (["train.global_batch_size=10"], 2, "train.global_batch_size=10 is not divisible by train.micro_batch_size (2) x world size (2)"),
-        (["train.micro_batch_size=3"], 2, "train.global_batch_size=8 is not divisible"),
+        (["train.global_batch_size=10"], 2, "train.micro_batch_size=2 does not divide the 5 images each of 2 ranks"),
+        (["train.global_batch_size=9"], 2, "train.global_batch_size=9 cannot be split over 2 ranks"),
+        (["train.micro_batch_size=3"], 2, "train.micro_batch_size=3 does not divide the 4 images"),
         (["train.init_from=/nonexistent/var_d16.pth"], 2, "train.init_from: file /nonexistent/var_d16.pth does not exist"),
         (["tokenizer.checkpoint=/nonexistent/tok.pth"], 2, "tokenizer.checkpoint: file /nonexistent/tok.pth"),
         (["model.mode=var", "train.schedule=paper"], 2, "only mode='mvar'"),

@@ -141,8 +141,8 @@ def test_nproc_validates_in_the_parent_and_spawns_nothing(monkeypatch, capsys):
     assert spawned == [], "a config the parent can refuse must not start any rank"
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith(MESSAGE_PREFIX)]
-    assert len(lines) == 1 and "train.global_batch_size=10 is not divisible" in lines[0]
-    assert "x world size (2)" in lines[0]  # validated for the ranks --nproc asks for
+    # validated for the ranks --nproc asks for
+    assert len(lines) == 1 and "train.micro_batch_size=2 does not divide the 5 images each of 2 ranks" in lines[0]
 
 
 def test_nproc_with_a_good_config_spawns_the_ranks(monkeypatch, capsys):
@@ -188,4 +188,4 @@ def test_srun_ranks_report_a_config_error_once(tmp_path):
     assert [code for code, _ in results] == [2, 2]
     counts = [sum(line.startswith(MESSAGE_PREFIX) for line in err.splitlines()) for _, err in results]
     assert counts == [1, 0], [err for _, err in results]
-    assert "train.global_batch_size=10 is not divisible" in results[0][1]
+    assert "train.micro_batch_size=2 does not divide the 5 images" in results[0][1]

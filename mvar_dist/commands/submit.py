@@ -4,6 +4,7 @@ sbatch script). Resources default to the experiment's ``launch`` section; flags 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -67,6 +68,8 @@ def main(argv: Sequence[str]) -> int:
         if launch.cluster != "slurm":
             raise LaunchError("--dry-run prints the sbatch script, which only --cluster slurm has")
         print(sbatch_script(launch, config.run.dir), end="")
+        # stderr: stdout is the script, usable as it is
+        print(f"batch split: {config.train.batch_split(launch.world_size).describe()}", file=sys.stderr)
         return 0
     record = submit(config, launch, argv)
     print(format_submission(config, launch, record))
@@ -78,6 +81,7 @@ def format_submission(config: ExperimentConfig, launch: LaunchConfig, record: di
     lines = [
         f"submitted job {record['job_id']} ({launch.world_size} ranks on {launch.nodes} node(s), "
         f"cluster {launch.cluster}, partition {launch.partition or 'default'})",
+        f"batch split: {config.train.batch_split(launch.world_size).describe()}",
         f"job folder: {record['folder']}",
         f"logs:       {record['stdout']}",
         f"            {record['stderr']}  (task N: {record['job_id']}_N_log.*)",

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mvar_dist.config.batch_split import BatchSplit, MicroBatch, resolve_batch_split
+
 
 @dataclass
 class RunConfig:
@@ -29,7 +31,10 @@ class TrainConfig:
     ratio_k: int = 8  # paper schedule: steps on scales 0..refine_step-1 per refine-scale step
     total_steps: int = 1000  # optimizer steps
     global_batch_size: int = 256  # images per optimizer step, all ranks together
-    micro_batch_size: int = 32  # images per rank per forward pass
+    # images per rank per forward pass; auto: the largest that divides the rank's share of the
+    # global batch without exceeding max_micro_batch_size (docs/config.md, "Batch split")
+    micro_batch_size: MicroBatch = 32
+    max_micro_batch_size: int | None = None  # with auto: what one GPU holds for this model; None: no limit
     label_smoothing: float = 0.0
     init_from: str | None = None  # weights to start from (e.g. var_d16.pth for fine-tuning)
     max_consecutive_nonfinite: int = 10  # save and stop after this many non-finite steps in a row
@@ -40,6 +45,10 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "blocks", "every_n"] = "none"
     activation_checkpointing_every: int = 2  # every_n: one block in every this many is recomputed
     compile: bool = False  # torch.compile the transformer blocks (helps on GPUs; see docs/training.md)
+
+    def batch_split(self, world_size: int) -> BatchSplit:
+        """Micro batch and accumulation for ``world_size`` ranks; ConfigError if there is none."""
+        return resolve_batch_split(self.global_batch_size, self.micro_batch_size, world_size, self.max_micro_batch_size)
 
     @property
     def recompute_every(self) -> int:

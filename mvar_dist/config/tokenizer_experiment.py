@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mvar_dist.config.batch_split import BatchSplit, MicroBatch, resolve_batch_split
 from mvar_dist.config.loading import plain
 from mvar_dist.config.sections import (
     CheckpointConfig,
@@ -78,12 +79,16 @@ class CodebookSection:
 class TokenizerTrainSection:
     total_steps: int = 1000
     global_batch_size: int = 64
-    micro_batch_size: int = 8
+    micro_batch_size: MicroBatch = 8  # or auto, as in the transformer's train section
+    max_micro_batch_size: int | None = None
     log_every: int = 1
     max_consecutive_nonfinite: int = 10
     val_every_steps: int = 0  # reconstruction L1/PSNR on data.val and a grid, every N steps and at the end
     val_max_batches: int = 0  # per-rank validation batches; 0: the whole split
     grid_images: int = 8  # originals in the validation grid (one row each: original, then each scale count)
+
+    def batch_split(self, world_size: int) -> BatchSplit:
+        return resolve_batch_split(self.global_batch_size, self.micro_batch_size, world_size, self.max_micro_batch_size)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import re
 import string
 from pathlib import Path
 
+from mvar_dist.config.batch_split import check_micro_batch
 from mvar_dist.config.deepspeed_templates import read_template
 from mvar_dist.config.experiment import ExperimentConfig
 from mvar_dist.config.loading import ConfigError
@@ -34,11 +35,11 @@ class LaunchError(ValueError):
 def validate(config: ExperimentConfig, world_size: int) -> None:
     """Checks that do not fit one field: batch arithmetic, schedules, files. Before any compute."""
     train, model = config.train, config.model
-    for name in ("total_steps", "global_batch_size", "micro_batch_size", "ratio_k", "log_every",
-                 "max_consecutive_nonfinite"):
+    for name in ("total_steps", "global_batch_size", "ratio_k", "log_every", "max_consecutive_nonfinite"):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(train, name)}")
-    check_batch_split(train.global_batch_size, train.micro_batch_size, world_size)
+    check_micro_batch("train", train.micro_batch_size, train.max_micro_batch_size)
+    train.batch_split(world_size)
     if train.schedule == "paper" and model.mode != "mvar":
         raise ConfigError(
             "train.schedule='paper' rotates scale groups, which only mode='mvar' allows; "
@@ -62,17 +63,6 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
     for name, value in (("train.init_from", train.init_from), ("tokenizer.checkpoint", config.tokenizer.checkpoint)):
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{name}: file {value} does not exist")
-
-
-def check_batch_split(global_batch: int, micro_batch: int, world_size: int) -> None:
-    """Every optimizer step consumes the global batch exactly: micro batches x ranks x accumulation."""
-    per_step = micro_batch * world_size
-    if global_batch % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={global_batch} is not divisible by "
-            f"train.micro_batch_size ({micro_batch}) x world size ({world_size}) = {per_step}; "
-            f"choose a global batch that is a multiple of {per_step}"
-        )
 
 
 def _validate_eval(config: ExperimentConfig) -> None:
@@ -223,11 +213,11 @@ def validate_launch(launch: LaunchConfig) -> None:
 def validate_tokenizer(config: TokenizerExperiment, world_size: int) -> None:
     """Everything a tokenizer run can get wrong before compute, naming the field and the value."""
     train, loss, optim = config.train, config.loss, config.optim
-    for name in ("total_steps", "global_batch_size", "micro_batch_size", "log_every", "max_consecutive_nonfinite",
-                 "grid_images"):
+    for name in ("total_steps", "global_batch_size", "log_every", "max_consecutive_nonfinite", "grid_images"):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(train, name)}")
-    check_batch_split(train.global_batch_size, train.micro_batch_size, world_size)
+    check_micro_batch("train", train.micro_batch_size, train.max_micro_batch_size)
+    train.batch_split(world_size)
     for name in ("val_every_steps", "val_max_batches"):
         if getattr(train, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0 (0 turns it off), got {getattr(train, name)}")

@@ -9,7 +9,7 @@ from typing import Literal
 @dataclass
 class DataConfig:
     """The ``data`` section of a training config. The per-rank batch size is the trainer's
-    ``train.micro_batch_size``, passed to the loaders, so that it is set in one place."""
+    ``train.micro_batch_size`` (resolved for the world size), passed to the loaders."""
 
     train_manifest: str = ""  # path, directory or URL of the train split's manifest.json
     val_manifest: str | None = None  # same for validation; None: no validation

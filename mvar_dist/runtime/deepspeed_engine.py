@@ -11,20 +11,20 @@ from typing import Any
 
 import torch
 
+from mvar_dist.config.batch_split import BatchSplit
 from mvar_dist.config.deepspeed_templates import resolve_template
 
 logger = logging.getLogger(__name__)
 
 
-def deepspeed_json(template: str, precision: str, global_batch: int, micro_batch: int, world_size: int,
-                   grad_clip: float) -> dict[str, Any]:
+def deepspeed_json(template: str, precision: str, split: BatchSplit, grad_clip: float) -> dict[str, Any]:
     """A DeepSpeed template with batch sizes, clipping and precision filled in (an experiment
     owns those; the template the ZeRO stage and its tuning)."""
     path = resolve_template(template, precision)
     ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-    ds["train_batch_size"] = global_batch
-    ds["train_micro_batch_size_per_gpu"] = micro_batch
-    ds["gradient_accumulation_steps"] = global_batch // (micro_batch * world_size)
+    ds["train_batch_size"] = split.global_batch
+    ds["train_micro_batch_size_per_gpu"] = split.micro_batch
+    ds["gradient_accumulation_steps"] = split.accumulation
     ds["gradient_clipping"] = grad_clip
     ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
     # a non-finite step must be skipped by the optimizer on every rank (see mvar_dist.runtime.loop)

@@ -75,8 +75,11 @@ def run_training(task: TrainingTask) -> int:
         loop = StepLoop(task, run_dir, context, engines, loader, tracker, lock, config_hash)
         if saved is not None:
             loop.restore(saved)
+        split = config.train.batch_split(world)
+        logger.info("batch split: %s", split.describe())
         tracker.set_tags({
             "mvar_dist.kind": kind_of(config).name, "mvar_dist.world_size": world,
+            "mvar_dist.micro_batch_size": split.micro_batch, "mvar_dist.gradient_accumulation": split.accumulation,
             "mvar_dist.zero_stage": engines.main.zero_optimization_stage(), "mvar_dist.start_step": step,
             **task.tags(),
         })

@@ -62,7 +62,7 @@ def export_tokenizer_run(run_dir: str | Path, out_dir: str | Path, tag: str = "l
     state = consolidate(run.checkpoints, tag)
     model.load_state_dict(state, strict=True)
     rank_state = read_rank_state(run.rank_file(tag, 0))
-    images_per_forward = config.train.micro_batch_size * point.run_state.world_size
+    images_per_forward = config.train.batch_split(point.run_state.world_size).micro_batch * point.run_state.world_size
     usage = usage_as_counts(rank_state.task[CODEBOOK]["ema"], tuple(config.tokenizer.patch_nums), images_per_forward)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

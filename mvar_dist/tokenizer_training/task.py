@@ -145,7 +145,7 @@ class TokenizerTask:
     # ----- before the first step -----
 
     def build_loader(self, rank: int, world_size: int) -> Any:
-        batch = self.config.train.micro_batch_size
+        batch = self.config.train.batch_split(world_size).micro_batch
         try:
             self.loader = build_image_train_loader(self.config.data, rank=rank, world_size=world_size, batch_size=batch,
                                                    seed=self.config.run.seed)
@@ -189,8 +189,7 @@ class TokenizerTask:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=optim.betas, eps=optim.eps,
                                       weight_decay=optim.weight_decay, foreach=False)
         ds = deepspeed_engine.deepspeed_json(self.config.deepspeed.template, self.config.deepspeed.precision,
-                                             train.global_batch_size, train.micro_batch_size,
-                                             self.context.world_size, optim.grad_clip)
+                                             train.batch_split(self.context.world_size), optim.grad_clip)
         return deepspeed_engine.initialize(model, optimizer, ds)
 
     def tags(self) -> dict[str, Any]:

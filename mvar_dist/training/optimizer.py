@@ -27,9 +27,8 @@ NO_DECAY_KEYS: tuple[str, ...] = (
 
 def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any]:
     """The template with every value the experiment config owns filled in from it."""
-    train = config.train
-    return deepspeed_engine.deepspeed_json(config.deepspeed.template, config.deepspeed.precision,
-                                           train.global_batch_size, train.micro_batch_size, world_size,
+    split = config.train.batch_split(world_size)
+    return deepspeed_engine.deepspeed_json(config.deepspeed.template, config.deepspeed.precision, split,
                                            config.optim.grad_clip)
 
 

@@ -157,7 +157,7 @@ class TransformerTask:
         from mvar_dist.shards.manifest import check_manifest_matches, check_same_classes
 
         self.tokenizer = build_tokenizer(self.config, torch.device("cpu"))
-        model, batch = self.config.model, self.config.train.micro_batch_size
+        model, batch = self.config.model, self.config.train.batch_split(world_size).micro_batch
         loaders = []
         try:
             loaders.append(data_lib.build_train_loader(self.config.data, rank=rank, world_size=world_size, batch_size=batch))
