@@ -12,7 +12,8 @@ Two records per checkpoint tag (paths from :class:`mvar_dist.run_dir.RunDir`):
 
 Both are versioned. Version 1 is what mvar-dist wrote before this module existed (no
 ``version`` key; the task's state at the top level of the rank file); it is read as version 2
-with the defaults of fields it did not have, so those checkpoints keep resuming.
+with the defaults of fields it did not have, so those checkpoints keep resuming. Version 3 adds
+``resizable`` and ``world_sizes`` (checkpoints that may resume on another number of ranks).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from mvar_dist.atomic import write_json, write_via_temp
 
-RUN_STATE_VERSION = 2
+RUN_STATE_VERSION = 3
 _RANK_KEYS = ("loader", "rng")  # a version-1 rank file held these, the rest was the task's
 
 
@@ -43,7 +44,17 @@ class RunState:
     consecutive_nonfinite: int = 0
     evaluation_pending: bool = False  # the evaluation due at ``step`` was postponed by a stop
     undelivered_metrics: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> metrics
+    # the engines' files can be converted to DeepSpeed's universal layout, so the run can resume
+    # on another number of ranks (version 3 on; earlier checkpoints resume on their own world size)
+    resizable: bool = False
+    # (first step, world size) of every stretch of the run, oldest first: its cluster history
+    world_sizes: tuple[tuple[int, int], ...] = ()
     version: int = RUN_STATE_VERSION
+
+    def with_world_size(self, step: int, world_size: int) -> tuple[tuple[int, int], ...]:
+        """The history with a stretch starting at ``step`` on ``world_size`` ranks."""
+        history = self.world_sizes or ((0, self.world_size),)
+        return history if history[-1][1] == world_size else (*history, (step, world_size))
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -72,6 +83,8 @@ class RunState:
             consecutive_nonfinite=int(data.get("consecutive_nonfinite", 0)),
             evaluation_pending=bool(data.get("evaluation_pending", False)),
             undelivered_metrics={int(s): {str(k): float(v) for k, v in m.items()} for s, m in undelivered.items()},
+            resizable=bool(data.get("resizable", False)),
+            world_sizes=tuple((int(s), int(w)) for s, w in data.get("world_sizes") or ()),
         )
 
 

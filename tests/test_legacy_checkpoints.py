@@ -20,6 +20,8 @@ from test_tokenizer_training import TINY as TOKENIZER_TINY
 from test_tokenizer_training import cli, ok
 from test_train import TINY, metric_history
 
+from mvar_dist.run_state import RUN_STATE_VERSION
+
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_runs"
 # what the fixtures were trained with, on top of the tiny configs (README.md beside them)
 TRANSFORMER_OVERRIDES = ["model.depth=1", "model.embed_dim=32", "train.total_steps=4", "checkpoint.every_steps=2"]
@@ -70,7 +72,7 @@ def test_legacy_transformer_checkpoint_resumes_exactly_and_exports(tiny_codes, t
     assert_same_weights(saved_weights(whole_dir, 4), saved_weights(run_dir, 4))
     state = json.loads((run_dir / "checkpoints" / "step_00000004" / "run_state.json").read_text())
     legacy = json.loads((LEGACY / "transformer" / "checkpoints" / "step_00000002" / "run_state.json").read_text())
-    assert state["version"] == 2 and state["mlflow_run_id"] == legacy["mlflow_run_id"]  # the same MLflow run
+    assert state["version"] == RUN_STATE_VERSION and state["mlflow_run_id"] == legacy["mlflow_run_id"]  # the same MLflow run
     losses = metric_history(run_dir, "train/loss")
     assert [s for s, _ in losses] == [1, 2, 3, 4]
     torch.testing.assert_close(torch.tensor([v for _, v in losses]),
@@ -100,7 +102,7 @@ def test_legacy_tokenizer_checkpoint_resumes_exactly_and_exports(tmp_path):
     # the codebook statistics came through the version-1 rank files: equal to the uninterrupted run's
     new = torch.load(run_dir / "checkpoints" / "step_00000004" / "rank_00000.pt", weights_only=True)
     whole = torch.load(whole_dir / "checkpoints" / "step_00000004" / "rank_00000.pt", weights_only=True)
-    assert new["version"] == 2 and torch.equal(new["task"]["codebook"]["ema"], whole["task"]["codebook"]["ema"])
+    assert new["version"] == RUN_STATE_VERSION and torch.equal(new["task"]["codebook"]["ema"], whole["task"]["codebook"]["ema"])
     out = tmp_path / "export"
     ok(cli("export", str(LEGACY / "tokenizer"), "--tag", "step_00000002", "--out", str(out)))
     from mvar_dist.tokenizer import load_tokenizer

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from mvar_dist.atomic import fsync_path, write_bytes, write_json
 from mvar_dist.run_dir import FILES_RECORD, ResumePoint, RunDir, step_of, tag_for
 from mvar_dist.run_state import RankState, RunState, read_rank_state, write_rank_state, write_run_state
+from mvar_dist.runtime import resize
+from mvar_dist.runtime.collectives import broadcast_from_rank0
 from mvar_dist.runtime.safe_loading import inspect_files, weights_only_loading
 
 logger = logging.getLogger(__name__)
@@ -51,10 +53,11 @@ def save_checkpoint(engines: Engines, run_dir: RunDir, run_state: RunState, rank
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(run_state.step)
     tag_dir = run_dir.tag_dir(tag)
-    engines.main.save_checkpoint(str(run_dir.checkpoints), tag=tag, client_state={"run_state": run_state.to_json()},
+    info = resize.universal_info()  # what lets the tag resume on another world size
+    engines.main.save_checkpoint(str(run_dir.checkpoints), tag=tag, client_state={"run_state": run_state.to_json(), **info},
                                  save_latest=False)
     for name, other in engines.others.items():
-        other.save_checkpoint(str(tag_dir), tag=name, save_latest=False)
+        other.save_checkpoint(str(tag_dir), tag=name, client_state=info, save_latest=False)
     tag_dir.mkdir(parents=True, exist_ok=True)
     write_rank_state(run_dir.rank_file(tag, rank), rank_state)
     for path in _files(tag_dir):
@@ -101,12 +104,28 @@ def prune_checkpoints(run_dir: RunDir, keep_last: int) -> None:
             shutil.rmtree(run_dir.tag_dir(tag_for(s)), ignore_errors=True)
 
 
-def load_checkpoint(engines: Engines, run_dir: RunDir, point: ResumePoint) -> RankState:
+def load_checkpoint(engines: Engines, run_dir: RunDir, point: ResumePoint, world_size: int = 1) -> RankState:
     """Load weights, optimizer and DeepSpeed state into the engines, as saved (no unpickling of
-    anything but tensors and DeepSpeed's few types); returns this rank's state."""
+    anything but tensors and DeepSpeed's few types); returns this rank's state. A checkpoint of
+    another world size is loaded through its universal copy (:mod:`mvar_dist.runtime.resize`),
+    built by the engines with ``checkpoint.load_universal``; each rank then takes the rank state
+    of rank ``rank mod old world size`` (the loader's position is the same on every rank)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    loads = [(engines.main, run_dir.checkpoints, point.tag),
-             *((e, run_dir.tag_dir(point.tag), n) for n, e in engines.others.items())]
+    saved_world = point.run_state.world_size
+    resized = saved_world != world_size
+    root = run_dir.checkpoints
+    if resized:
+        failure = None
+        if rank == 0:
+            try:
+                resize.prepare_universal(run_dir, point.tag, list(engines.others))
+            except RuntimeError as error:
+                failure = str(error)
+        failure = broadcast_from_rank0(failure)  # the other ranks wait for the conversion here
+        if failure is not None:
+            raise RuntimeError(failure)
+        root = resize.universal_root(run_dir)
+    loads = [(engines.main, root, point.tag), *((e, root / point.tag, n) for n, e in engines.others.items())]
     for target, directory, tag in loads:
         with weights_only_loading():
             path, _ = target.load_checkpoint(
@@ -114,7 +133,11 @@ def load_checkpoint(engines: Engines, run_dir: RunDir, point: ResumePoint) -> Ra
             )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
-    rank_file = run_dir.rank_file(point.tag, rank)
+    if resized:
+        _barrier()
+        if rank == 0:
+            resize.remove_universal(run_dir)
+    rank_file = run_dir.rank_file(point.tag, rank % saved_world)
     if not rank_file.is_file():
         raise RuntimeError(
             f"{rank_file} is missing: the checkpoint was written by fewer ranks than this job has; "

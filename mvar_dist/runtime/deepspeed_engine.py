@@ -17,7 +17,8 @@ from mvar_dist.config.deepspeed_templates import resolve_template
 logger = logging.getLogger(__name__)
 
 
-def deepspeed_json(template: str, precision: str, split: BatchSplit, grad_clip: float) -> dict[str, Any]:
+def deepspeed_json(template: str, precision: str, split: BatchSplit, grad_clip: float,
+                   load_universal: bool = False) -> dict[str, Any]:
     """A DeepSpeed template with batch sizes, clipping and precision filled in (an experiment
     owns those; the template the ZeRO stage and its tuning)."""
     path = resolve_template(template, precision)
@@ -33,6 +34,8 @@ def deepspeed_json(template: str, precision: str, split: BatchSplit, grad_clip: 
     ds["zero_allow_untested_optimizer"] = True  # torch AdamW: the CPU build has no fused Adam
     ds.setdefault("steps_per_print", 2**31 - 1)  # we log ourselves
     ds.pop("optimizer", None)
+    if load_universal:  # resuming on another world size: see mvar_dist.runtime.resize
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     ds.pop("scheduler", None)
     logger.debug("deepspeed config from %s: %s", path, ds)
     return ds

@@ -60,11 +60,12 @@ def run_training(task: TrainingTask) -> int:
     device = init_distributed(rank_env, config.deepspeed.backend)
     lock = setup.claim_run_dir(run_dir, rank, config, point, damaged)
     try:
-        context = RankContext(rank, world, device)
+        resized_from = point.run_state.world_size if point is not None and point.run_state.world_size != world else None
+        context = RankContext(rank, world, device, resized_from)
         engines = task.build_engines(context, resuming=point is not None)
         step, rank_state = 0, None
         if point is not None:
-            rank_state = checkpoints.load_checkpoint(engines, run_dir, point)
+            rank_state = checkpoints.load_checkpoint(engines, run_dir, point, world)
             setup.restore_loader(loader, rank_state.loader, run_dir, point)
             task.load_state_dict(rank_state.task)
             step = point.step
@@ -83,6 +84,9 @@ def run_training(task: TrainingTask) -> int:
             "mvar_dist.zero_stage": engines.main.zero_optimization_stage(), "mvar_dist.start_step": step,
             **task.tags(),
         })
+        if context.resized_from is not None:
+            logger.warning("resumed %s, written by %d ranks, on %d ranks", point.tag, context.resized_from, world)
+            tracker.set_tags({f"mvar_dist.resized_at_step_{step}": f"{context.resized_from}->{world}"})
         loop.stop.install()
         if rank_state is not None:
             set_rng_states(rank_state.rng, device)
@@ -111,8 +115,10 @@ class StepLoop:
         self.stop = StopFlag()
         self.consecutive_nonfinite = 0
         self.evaluation_pending = False  # the evaluation of the checkpoint's step was postponed by a stop
+        self.world_sizes: tuple[tuple[int, int], ...] = ((0, context.world_size),)
 
     def restore(self, saved: RunState) -> None:
+        self.world_sizes = saved.with_world_size(saved.step, self.context.world_size)
         self.consecutive_nonfinite = saved.consecutive_nonfinite
         self.evaluation_pending = saved.evaluation_pending
         if self.evaluation_pending:  # the step's metrics wait for the evaluation, as at the stop
@@ -170,6 +176,7 @@ class StepLoop:
             consecutive_nonfinite=self.consecutive_nonfinite, evaluation_pending=self.evaluation_pending,
             # what MLflow did not take (server down): sent when the run resumes, never dropped
             undelivered_metrics=self.tracker.undelivered(),
+            resizable=True, world_sizes=self.world_sizes,
         )
         rank_state = RankState(loader=self.loader.state_dict(), rng=rng_states(self.context.device),
                                task=self.task.state_dict())

@@ -52,10 +52,10 @@ def check_resumable(run_dir: RunDir, point: ResumePoint, config: Experiment, wor
             f"changed. Only {', '.join(kind_of(config).resumable_changes)} may change on resume; use a new "
             f"run.dir to start over"
         )
-    if point.run_state.world_size != world_size:
+    if point.run_state.world_size != world_size and not point.run_state.resizable:
         raise ConfigError(
-            f"{point.tag} was written by {point.run_state.world_size} ranks; "
-            f"resume it with the same number of ranks (got {world_size})"
+            f"{point.tag} was written by {point.run_state.world_size} ranks before runs could change their number "
+            f"of ranks; resume it with {point.run_state.world_size} ranks (got {world_size})"
         )
 
 

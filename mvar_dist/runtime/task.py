@@ -29,6 +29,9 @@ class RankContext:
     rank: int
     world_size: int
     device: torch.device
+    # the world size of the checkpoint this rank resumes from when it differs from this job's:
+    # the engines are then built to load DeepSpeed's universal checkpoint layout
+    resized_from: int | None = None
 
 
 @dataclass(frozen=True)

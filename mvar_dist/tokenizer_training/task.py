@@ -189,7 +189,8 @@ class TokenizerTask:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=optim.betas, eps=optim.eps,
                                       weight_decay=optim.weight_decay, foreach=False)
         ds = deepspeed_engine.deepspeed_json(self.config.deepspeed.template, self.config.deepspeed.precision,
-                                             train.batch_split(self.context.world_size), optim.grad_clip)
+                                             train.batch_split(self.context.world_size), optim.grad_clip,
+                                             self.context.resized_from is not None)
         return deepspeed_engine.initialize(model, optimizer, ds)
 
     def tags(self) -> dict[str, Any]:

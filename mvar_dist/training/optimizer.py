@@ -25,11 +25,11 @@ NO_DECAY_KEYS: tuple[str, ...] = (
 # ----- DeepSpeed config -----
 
 
-def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(config: ExperimentConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     """The template with every value the experiment config owns filled in from it."""
     split = config.train.batch_split(world_size)
     return deepspeed_engine.deepspeed_json(config.deepspeed.template, config.deepspeed.precision, split,
-                                           config.optim.grad_clip)
+                                           config.optim.grad_clip, load_universal)
 
 
 # ----- optimizer -----
@@ -51,7 +51,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: int) -> Any:
+def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: int, load_universal: bool = False) -> Any:
     """deepspeed.initialize with torch AdamW; the lr is set before every step (:func:`set_lr`)."""
     optimizer = torch.optim.AdamW(
         param_groups(model, config.optim.weight_decay),
@@ -60,7 +60,7 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: i
         eps=config.optim.eps,
         foreach=False,
     )
-    return deepspeed_engine.initialize(model, optimizer, deepspeed_config(config, world_size))
+    return deepspeed_engine.initialize(model, optimizer, deepspeed_config(config, world_size, load_universal))
 
 
 def set_lr(engine: Any, config: ExperimentConfig, step: int) -> float:

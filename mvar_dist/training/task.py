@@ -193,7 +193,7 @@ class TransformerTask:
             except ValueError as err:
                 raise ConfigError(f"train.init_from: {err}") from None
         self.model = model
-        self.engine = build_engine(model, self.config, context.world_size)
+        self.engine = build_engine(model, self.config, context.world_size, context.resized_from is not None)
         return Engines(self.engine)
 
     def tags(self) -> dict[str, Any]:
