@@ -111,7 +111,7 @@ def loader_rate(manifest_dir: Path, workers: int, batch_size: int) -> float:
     next(batches)
     count = loader.batches_per_epoch - 1
     start = time.perf_counter()
-    for codes, labels in islice(batches, count):
+    for codes, labels, _ in islice(batches, count):
         assert codes.shape[0] == batch_size
     return count * batch_size / (time.perf_counter() - start)
 

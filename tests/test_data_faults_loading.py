@@ -77,7 +77,7 @@ def test_transient_open_errors_are_retried(split_dir, tmp_path, monkeypatch):
     flaky, counts = flaky_manifest(split_dir, tmp_path, {name: 2 for name in names})
     healthy = TrainLoader(load_manifest(split_dir), config(), 0, 1, batch_size=4)
     loader = TrainLoader(flaky, config(), 0, 1, batch_size=4)
-    for (a, la), (b, lb) in zip(islice(iter(healthy), 12), islice(iter(loader), 12)):
+    for (a, la, _), (b, lb, _) in zip(islice(iter(healthy), 12), islice(iter(loader), 12)):
         assert torch.equal(a, b) and torch.equal(la, lb)
     assert loader.num_skipped == 0
     assert all(int((counts / f"{name}.count").read_text()) >= 3 for name in names)
@@ -121,7 +121,7 @@ def test_unreadable_training_window_is_replaced_and_counted(split_dir, samples, 
             batches = list(islice(stream, loader.batches_per_epoch))
             assert len(batches) == loader.batches_per_epoch == 12  # every rank: the same number of batches
             assert (loader.epoch, loader.position) == (epoch, 0)
-            for codes, labels in batches:
+            for codes, labels, *_ in batches:
                 assert codes.shape == (2, 30)
                 rows = [samples[row.numpy().tobytes()] for row in codes]  # every row is a real sample
                 assert [label for _, label, _ in rows] == labels.tolist()
@@ -153,7 +153,7 @@ def test_resume_inside_an_unreadable_window_is_exact(split_dir, tmp_path):
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     continued = list(islice(iter(resumed), 8))
     assert len(consumed + continued) == len(reference)
-    for (a, la), (b, lb) in zip(reference, consumed + continued):
+    for (a, la, _), (b, lb, _) in zip(reference, consumed + continued):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 

@@ -97,8 +97,8 @@ def test_training_ranks_get_equal_disjoint_batches_per_epoch(split_dir, samples)
     epoch0 = []
     for loader in loaders:
         batches = list(islice(iter(loader), 4))
-        assert all(codes.shape == (4, 30) for codes, _ in batches)
-        for codes, labels in batches:
+        assert all(codes.shape == (4, 30) for codes, *_ in batches)
+        for codes, labels, *_ in batches:
             rows = identify(codes, samples)
             assert [label for _, label, _ in rows] == labels.tolist()
             epoch0 += [key for key, _, _ in rows]
@@ -108,17 +108,17 @@ def test_training_ranks_get_equal_disjoint_batches_per_epoch(split_dir, samples)
 
 def test_flip_views_are_used(split_dir, samples):
     loader = TrainLoader(load_manifest(split_dir), config(), 0, 1, batch_size=8)
-    views = Counter(view for codes, _ in islice(iter(loader), 12) for _, _, view in identify(codes, samples))
+    views = Counter(view for codes, *_ in islice(iter(loader), 12) for _, _, view in identify(codes, samples))
     assert views[0] > 10 and views[1] > 10
     no_flip = TrainLoader(load_manifest(split_dir), config(hflip=False), 0, 1, batch_size=8)
-    assert {view for codes, _ in islice(iter(no_flip), 6) for _, _, view in identify(codes, samples)} == {0}
+    assert {view for codes, *_ in islice(iter(no_flip), 6) for _, _, view in identify(codes, samples)} == {0}
 
 
 def test_order_depends_on_seed_not_on_workers(split_dir):
     manifest = load_manifest(split_dir)
-    plain = [c for c, _ in islice(iter(TrainLoader(manifest, config(), 1, 2, batch_size=4)), 9)]
-    workers = [c for c, _ in islice(iter(TrainLoader(manifest, config(num_workers=2), 1, 2, batch_size=4)), 9)]
-    other_seed = [c for c, _ in islice(iter(TrainLoader(manifest, config(seed=4), 1, 2, batch_size=4)), 9)]
+    plain = [c for c, *_ in islice(iter(TrainLoader(manifest, config(), 1, 2, batch_size=4)), 9)]
+    workers = [c for c, *_ in islice(iter(TrainLoader(manifest, config(num_workers=2), 1, 2, batch_size=4)), 9)]
+    other_seed = [c for c, *_ in islice(iter(TrainLoader(manifest, config(seed=4), 1, 2, batch_size=4)), 9)]
     assert all(torch.equal(a, b) for a, b in zip(plain, workers))
     assert not all(torch.equal(a, b) for a, b in zip(plain, other_seed))
 
@@ -132,7 +132,7 @@ def test_resume_continues_exactly(split_dir):
     resumed = TrainLoader(manifest, config(num_workers=2), 0, 2, batch_size=4)
     resumed.load_state_dict(state)
     continued = list(islice(iter(resumed), 9))
-    for (a, la), (b, lb) in zip(reference, consumed + continued):
+    for (a, la, _), (b, lb, _) in zip(reference, consumed + continued):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
@@ -153,7 +153,7 @@ def test_truncated_shard_is_skipped_and_counted_or_fails(split_dir, samples, tmp
     manifest = load_manifest(broken)
     train = TrainLoader(manifest, config(max_bad_fraction=0.5), 0, 1, batch_size=4)
     batches = list(islice(iter(train), 2 * train.batches_per_epoch))
-    assert all(codes.shape == (4, 30) for codes, _ in batches)
+    assert all(codes.shape == (4, 30) for codes, *_ in batches)
     assert train.num_skipped == 2 * 6  # 6 of the shard's 7 samples lost, in each of 2 epochs
     assert "t-train-000003.tar" in caplog.text
     val = ValLoader(manifest, config(max_bad_fraction=0.5), 0, 1, batch_size=8)
@@ -243,3 +243,72 @@ def test_build_loaders_from_config(split_dir):
     assert build_val_loader(config(), rank=0, world_size=1, batch_size=4) is None
     with pytest.raises(ValueError, match="train_manifest is empty"):
         build_train_loader(config(), rank=0, world_size=1, batch_size=4)
+
+
+# ----- canonical streams: the same samples in every global step on any world size -----
+
+
+def step_samples(loaders: list[TrainLoader], steps: int, samples: dict) -> list[list[tuple[str, int, int]]]:
+    iterators = [iter(loader) for loader in loaders]
+    micro = loaders[0].global_batch // (len(loaders) * loaders[0].batch_size)
+    out = []
+    for _ in range(steps):
+        rows = []
+        for it in iterators:
+            for _ in range(micro):
+                codes, labels, _ = next(it)
+                rows += identify(codes, samples)
+        out.append(rows)
+    return out
+
+
+def stream_loaders(manifest, world: int, micro: int, states: list[dict] | None = None, **overrides) -> list[TrainLoader]:
+    loaders = [TrainLoader(manifest, config(**overrides), rank, world, batch_size=micro, global_batch=8)
+               for rank in range(world)]
+    for rank, loader in enumerate(loaders):
+        if states is not None:
+            loader.load_state_dict(json.loads(json.dumps(states[rank % len(states)])))
+    return loaders
+
+
+@pytest.mark.parametrize("path", [(4, 2, 4), (2, 1, 2), (1, 8)])
+def test_canonical_streams_keep_every_global_step_across_world_sizes(split_dir, samples, path):
+    manifest = load_manifest(split_dir)  # 48 samples: 8 streams of 6, 6 global steps of 8 per epoch
+    reference = step_samples(stream_loaders(manifest, 4, 2), 14, samples)  # over two epochs
+    assert all(len(step) == 8 for step in reference)
+    assert len({key for step in reference[:6] for key, _, _ in step}) == 48  # an epoch sees every sample once
+    resized, states, done = [], None, 0
+    for world, steps in zip(path, (5, 4, 5)):
+        loaders = stream_loaders(manifest, world, max(1, 4 // world), states, num_workers=world % 2)
+        resized += step_samples(loaders, steps, samples)
+        states, done = [loader.state_dict() for loader in loaders], done + steps
+    assert resized == reference[:done]  # same samples, same views, same order within each step
+
+
+def test_world_size_that_does_not_divide_the_streams_is_refused_or_resplit(split_dir, samples):
+    manifest = load_manifest(split_dir)
+    loaders = stream_loaders(manifest, 2, 2)
+    step_samples(loaders, 2, samples)
+    state = loaders[0].state_dict()
+    assert state["streams"] == 8
+    three = TrainLoader(manifest, config(), 0, 1, batch_size=8, global_batch=8)
+    three.world_size = 3  # as a 3-rank job would see it
+    with pytest.raises(ValueError, match=r"8 canonical streams, which 3 ranks cannot share exactly.*\[1, 2, 4, 8\]"):
+        three.load_state_dict(state)
+    approximate = TrainLoader(manifest, config(resize="approximate"), 0, 1, batch_size=8, global_batch=8)
+    approximate.world_size = 3
+    approximate.load_state_dict(state)
+    assert not approximate.per_sample_noise  # the per-rank order, with its warning
+
+
+def test_runs_started_before_canonical_streams_keep_their_order(split_dir, samples):
+    manifest = load_manifest(split_dir)
+    old = TrainLoader(manifest, config(), 0, 2, batch_size=4)  # the per-rank order
+    list(islice(iter(old), 3))
+    state = old.state_dict()
+    assert "streams" not in state
+    reference = [c for c, *_ in islice(iter(old), 4)]
+    resumed = TrainLoader(manifest, config(), 0, 2, batch_size=4, global_batch=16)
+    resumed.load_state_dict(state)
+    assert not resumed.per_sample_noise
+    assert all(torch.equal(a, b) for a, b in zip(reference, [c for c, *_ in islice(iter(resumed), 4)]))

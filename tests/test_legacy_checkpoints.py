@@ -26,7 +26,7 @@ LEGACY = Path(__file__).resolve().parent / "data" / "legacy_runs"
 # what the fixtures were trained with, on top of the tiny configs (README.md beside them)
 TRANSFORMER_OVERRIDES = ["model.depth=1", "model.embed_dim=32", "train.total_steps=4", "checkpoint.every_steps=2"]
 TOKENIZER_OVERRIDES = ["tokenizer.ch_mult=[1]", "tokenizer.patch_nums=[1,2,4,8]", "tokenizer.vocab_size=16",
-                       "tokenizer.z_channels=4", "loss.disc_channels=8"]
+                       "tokenizer.z_channels=4", "loss.disc_channels=8", "loss.gan_start_step=3"]
 
 
 def copy_legacy_run(kind: str, target: Path) -> str:
@@ -67,8 +67,9 @@ def test_legacy_transformer_checkpoint_resumes_exactly_and_exports(tiny_codes, t
     ok(resumed)
     assert "resumed from step_00000002 at step 2" in resumed.stderr
     whole_dir = tmp_path / "whole"
+    # the reference keeps the per-rank sample order (and torch's RNG draws) a legacy run resumes with
     ok(cli("train", "--config", str(TINY), "--nproc", "2", *tiny_codes.overrides(whole_dir), *TRANSFORMER_OVERRIDES,
-           f"tracking.uri=sqlite:///{tmp_path / 'whole.db'}"))
+           f"tracking.uri=sqlite:///{tmp_path / 'whole.db'}", "data.canonical_ranks=null"))
     assert_same_weights(saved_weights(whole_dir, 4), saved_weights(run_dir, 4))
     state = json.loads((run_dir / "checkpoints" / "step_00000004" / "run_state.json").read_text())
     legacy = json.loads((LEGACY / "transformer" / "checkpoints" / "step_00000002" / "run_state.json").read_text())
@@ -97,7 +98,7 @@ def test_legacy_tokenizer_checkpoint_resumes_exactly_and_exports(tmp_path):
     assert "resumed from step_00000002 at step 2" in resumed.stderr
     whole_dir = tmp_path / "whole"
     ok(cli(*base, f"run.dir={whole_dir}", f"tracking.uri=sqlite:///{tmp_path / 'whole.db'}"))
-    for sub in ("", "discriminator"):  # the VQVAE, then the discriminator (the GAN starts at step 2)
+    for sub in ("", "discriminator"):  # the VQVAE, then the discriminator (the GAN trains steps 3 and 4)
         assert_same_weights(saved_weights(whole_dir, 4, sub), saved_weights(run_dir, 4, sub))
     # the codebook statistics came through the version-1 rank files: equal to the uninterrupted run's
     new = torch.load(run_dir / "checkpoints" / "step_00000004" / "rank_00000.pt", weights_only=True)

@@ -3,11 +3,11 @@ schedule, the loop and the MLflow run continue (docs/training.md, "Changing the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from test_legacy_checkpoints import TRANSFORMER_OVERRIDES
 from test_train import TINY, metric_history, ok, run_train
 
 from mvar_dist.run_dir import RunDir
@@ -26,29 +26,46 @@ def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("template, precision", [("zero1", "fp32"), ("zero2", "bf16"), ("zero3", "fp32")])
-def test_run_resumes_on_another_world_size(tiny_codes, tmp_path, template, precision):
-    common = ["model.depth=1", "model.embed_dim=32", "train.total_steps=4", "checkpoint.every_steps=2",
-              f"deepspeed.template={template}", f"deepspeed.precision={precision}", "train.micro_batch_size=auto"]
+@pytest.mark.parametrize("template, precision, worlds", [
+    ("zero1", "fp32", (2, 1, 2)), ("zero2", "fp32", (4, 2, 4)), ("zero2", "bf16", (2, 1)), ("zero3", "fp32", (2, 1)),
+])
+def test_resized_run_trains_on_what_the_uninterrupted_run_would_have(tiny_codes, tmp_path, template, precision, worlds):
+    """Stopped and resumed on other world sizes, a run ends where the uninterrupted run on the
+    first world size ends: the same samples per step (canonical streams), per-sample label-drop
+    and drop-path draws, Adam state and step counts; only the summation order differs."""
+    total = 2 * len(worlds)
+    common = ["model.depth=2", "model.embed_dim=32", f"train.total_steps={total}", "checkpoint.every_steps=2",
+              f"deepspeed.template={template}", f"deepspeed.precision={precision}", "train.micro_batch_size=auto",
+              "train.max_micro_batch_size=2", "model.cond_drop_rate=0.3", "model.drop_path_rate=0.3"]
     run_dir = tmp_path / "run"
-    first = run_train(tiny_codes, run_dir, *common, "debug.kill_after_checkpoint_step=2", nproc=2)
-    assert first.returncode != 0 and (run_dir / "checkpoints" / "step_00000002").is_dir()
-    resumed = run_train(tiny_codes, run_dir, *common, nproc=1)
-    ok(resumed)
-    assert "written by 2 ranks, on 1 ranks" in resumed.stderr
-    state = read_run_state(RunDir(run_dir).run_state_file("step_00000004"))
-    assert state.world_size == 1 and state.world_sizes == ((0, 2), (2, 1))
+    for segment, world in enumerate(worlds):
+        stop = [f"debug.stop_at_step={2 * segment + 2}"] if segment < len(worlds) - 1 else []
+        result = run_train(tiny_codes, run_dir, *common, *stop, nproc=world)
+        if segment:
+            assert f"written by {worlds[segment - 1]} ranks, on {world} ranks" in result.stderr
+        assert (run_dir / "checkpoints" / f"step_{2 * segment + 2:08d}").is_dir(), result.stderr[-3000:]
+    state = read_run_state(RunDir(run_dir).run_state_file(f"step_{total:08d}"))
+    assert state.world_sizes == tuple((2 * i, w) for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1])
     assert not (run_dir / "checkpoints" / "universal").exists()  # the conversion is removed once loaded
-    steps = [s for s, _ in metric_history(run_dir, "train/loss")]
-    assert steps == [1, 2, 3, 4]  # one MLflow run, continued
     whole = tmp_path / "whole"
-    ok(run_train(tiny_codes, whole, *common, nproc=2))
+    ok(run_train(tiny_codes, whole, *common, nproc=worlds[0]))
+    losses, reference = metric_history(run_dir, "train/loss"), metric_history(whole, "train/loss")
+    assert [s for s, _ in losses] == list(range(1, total + 1))  # one MLflow run, continued
+    loss_gap = max(abs(a - b) for (_, a), (_, b) in zip(losses, reference))
+    # exact up to summation order for fp32 under ZeRO 1 and 2; bf16 rounds that order's differences
+    # into the weights, and ZeRO-3's universal loading drifts (docs/training.md, measured there)
+    exact = precision == "fp32" and template != "zero3"
+    assert loss_gap <= (1e-5 if exact else 1e-3)
+    report = f"{template} {precision} {worlds}: loss gap {loss_gap:.3g}"
     if template != "zero3":  # ZeRO-3 keeps no full weights in the model-states file
-        assert optimizer_step_count(run_dir, 4) == optimizer_step_count(whole, 4) == 4
-        a, b = final_weights(run_dir, 4), final_weights(whole, 4)
-        worst = max(float(((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp_min(1e-12)))
+        assert optimizer_step_count(run_dir, total) == optimizer_step_count(whole, total) == total
+        a, b = final_weights(run_dir, total), final_weights(whole, total)
+        worst = max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp_min(1e-12))
                     for k in a)
-        print(f"{template} {precision}: largest relative weight difference vs uninterrupted 2-rank run {worst:.3g}")
+        report += f", relative weight gap {worst:.3g}"
+        if exact:
+            assert worst <= 1e-5
+    print(report)
 
 
 def test_checkpoints_of_earlier_versions_keep_their_world_size(tmp_path):
@@ -59,6 +76,27 @@ def test_checkpoints_of_earlier_versions_keep_their_world_size(tmp_path):
 
     legacy = Path(__file__).resolve().parent / "data" / "legacy_runs" / "transformer"
     point = RunDir(legacy).read_resume_point("step_00000002")
-    config = load_config(TINY, [f"run.dir={legacy}", *json.loads("[]")])
+    config = load_config(TINY, [f"run.dir={legacy}", *TRANSFORMER_OVERRIDES])
     with pytest.raises(ConfigError, match="resume it with 2 ranks"):
         check_resumable(RunDir(legacy), point, config, 1)
+
+
+@pytest.mark.slow
+def test_tokenizer_run_resumes_on_another_world_size(tmp_path):
+    """Both engines (the VQVAE and, with the GAN on, the discriminator) go through the universal
+    copy; the image epoch is re-split per rank, with a warning."""
+    from conftest import write_tiny_images
+    from test_legacy_checkpoints import TOKENIZER_OVERRIDES
+    from test_tokenizer_training import TINY as TOKENIZER_TINY
+    from test_tokenizer_training import cli
+
+    images = tmp_path / "images"
+    write_tiny_images(images, classes=2, per_class=12)
+    base = [f"data.train={images}", *TOKENIZER_OVERRIDES, f"run.dir={tmp_path / 'run'}", "train.micro_batch_size=auto"]
+    first = cli("train-tokenizer", "--config", str(TOKENIZER_TINY), "--nproc", "2", *base, "debug.stop_at_step=2")
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "discriminator").is_dir(), first.stderr[-3000:]
+    resumed = cli("train-tokenizer", "--config", str(TOKENIZER_TINY), "--nproc", "1", *base)
+    ok(resumed)
+    assert "written by 2 ranks, on 1 ranks" in resumed.stderr and "image loader resumed" in resumed.stderr
+    state = read_run_state(RunDir(tmp_path / "run").run_state_file(RunDir(tmp_path / "run").latest_tag()))
+    assert state.world_sizes == ((0, 2), (2, 1))

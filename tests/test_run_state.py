@@ -41,7 +41,7 @@ def test_version_1_run_state_reads_with_defaults(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"config": {}}', "no valid step and config"),
     ('{"step": 1, "config": []}', "config is not a mapping"),
-    ('{"step": 1, "config": {}, "version": 99}', "version 99; this mvar-dist reads up to 2"),
+    ('{"step": 1, "config": {}, "version": 99}', "version 99; this mvar-dist reads up to 3"),
     ("[1, 2]", "does not hold a run state"),
     ("{not json", "is not valid JSON"),
 ])

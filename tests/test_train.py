@@ -127,7 +127,7 @@ def test_schedule_all_step_equals_a_plain_torch_full_loss_step(tiny_codes, tmp_p
     for rank in range(2):
         batches = iter(build_train_loader(config.data, rank=rank, world_size=2, batch_size=2))
         for _ in range(2):
-            c, l = next(batches)
+            c, l, _ = next(batches)
             codes.append(c), labels.append(l)
     codes, labels = torch.cat(codes), torch.cat(labels)
     scales = tuple(range(model.layout.num_scales))

@@ -68,6 +68,8 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "train.val_every_steps", "train.val_max_batches",
     # how the same math is computed: activations recomputed or not, blocks compiled or not
     "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile",
+    # how the global batch is split over the ranks (the cluster's, not the recipe's)
+    "train.micro_batch_size", "train.max_micro_batch_size", "data.resize",
     "checkpoint", "tracking", "sample", "debug", "launch", "data.num_workers", "data.prefetch_windows",
     "data.train_manifest", "data.val_manifest", "data.shard_url_template", "tokenizer.checkpoint",
     "data.bad_data", "data.max_bad_fraction",

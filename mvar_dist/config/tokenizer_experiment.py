@@ -124,7 +124,7 @@ class TokenizerExperiment:
 
 # what a resumed tokenizer run may change; everything else defines the run
 TOKENIZER_RESUMABLE_CHANGES: tuple[str, ...] = (
-    "run.dir", "train.total_steps", "optim.warmup_steps", "train.log_every", "train.max_consecutive_nonfinite",
+    "run.dir", "train.total_steps", "optim.warmup_steps", "train.micro_batch_size", "train.max_micro_batch_size", "train.log_every", "train.max_consecutive_nonfinite",
     "train.val_every_steps",
     "train.val_max_batches", "train.grid_images", "tokenizer.init_from", "checkpoint", "tracking", "debug", "launch",
     "data.num_workers", "data.train", "data.val", "data.bad_data", "data.max_bad_fraction", "loss.vgg_weights",

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from mvar_dist.data.config import DataConfig
 from mvar_dist.data.plan import TrainPlan, ValPlan
 from mvar_dist.data.reader import BadDataError, WindowData, WindowReader, WindowStream
+from mvar_dist.data.streams import StreamPlan, auto_streams, world_sizes_for
 from mvar_dist.shards.manifest import Manifest, load_manifest
 
 logger = logging.getLogger(__name__)
@@ -105,24 +106,62 @@ class _Loader:
 
 
 class TrainLoader(_Loader):
-    """Endless training batches for one rank; iterate it, checkpoint ``state_dict()``."""
+    """Endless training batches ``(codes, labels, ids)`` for one rank; iterate it, checkpoint
+    ``state_dict()``. With ``global_batch`` (and ``data.canonical_ranks`` not null) the order
+    is that of canonical streams (:mod:`mvar_dist.data.streams`): the same samples in every global
+    step whatever the world size; without, the per-rank order of :class:`TrainPlan`."""
 
-    def __init__(self, manifest: Manifest, config: DataConfig, rank: int, world_size: int, batch_size: int) -> None:
+    def __init__(self, manifest: Manifest, config: DataConfig, rank: int, world_size: int, batch_size: int,
+                 global_batch: int | None = None) -> None:
         super().__init__(manifest, config, rank, world_size, batch_size)
-        window = max(1, config.shuffle_window // batch_size) * batch_size
-        self.plan = TrainPlan(manifest.shard_counts, config.seed, rank, world_size, batch_size, window)
-        if self.plan.batches_per_epoch == 0:
-            raise ValueError(
-                f"{manifest.location} has {manifest.num_samples} samples: too few for {world_size} ranks x batch {batch_size}"
-            )
+        self.global_batch = global_batch
         self.epoch, self.position = 0, 0  # position: samples of this rank's epoch consumed
+        if global_batch is not None and config.canonical_ranks is not None:
+            streams = auto_streams(global_batch, world_size) if config.canonical_ranks == "auto" else config.canonical_ranks
+            self._use_streams(streams)
+        else:
+            self._use_rank_order(world_size, batch_size)
+
+    def _use_rank_order(self, world_size: int, batch_size: int) -> None:
+        window = max(1, self.config.shuffle_window // batch_size) * batch_size
+        self.plan: TrainPlan | StreamPlan = TrainPlan(self.manifest.shard_counts, self.config.seed, self.rank,
+                                                      world_size, batch_size, window)
+        if self.plan.batches_per_epoch == 0:
+            raise ValueError(f"{self.manifest.location} has {self.manifest.num_samples} samples: too few for "
+                             f"{world_size} ranks x batch {batch_size}")
         self.epoch_size = self.plan.samples_per_epoch
+
+    def _use_streams(self, streams: int) -> None:
+        assert self.global_batch is not None
+        if self.global_batch % streams or streams % self.world_size:
+            raise ValueError(
+                f"data.canonical_ranks={streams} must divide the global batch ({self.global_batch}) and be a multiple "
+                f"of the world size ({self.world_size}); world sizes that divide it: {world_sizes_for(streams, self.world_size)}"
+            )
+        per_stream = self.global_batch // streams
+        window = max(1, self.config.shuffle_window // (streams * per_stream)) * per_stream
+        self.plan = StreamPlan(self.manifest.shard_counts, self.config.seed, streams, per_stream, window,
+                               self.rank, self.world_size)
+        if self.plan.steps_per_epoch == 0:
+            raise ValueError(f"{self.manifest.location} has {self.manifest.num_samples} samples: too few for "
+                             f"{streams} streams of {per_stream} per global batch")
+        self.epoch_size = self.plan.steps_per_epoch * self.global_batch // self.world_size
+
+    @property
+    def per_sample_noise(self) -> bool:
+        """Whether the trainer should draw label drop and drop-path per sample (canonical order)."""
+        return isinstance(self.plan, StreamPlan)
 
     @property
     def batches_per_epoch(self) -> int:
+        if isinstance(self.plan, StreamPlan):
+            return self.plan.steps_per_epoch * self.global_batch // (self.world_size * self.batch_size)
         return self.plan.batches_per_epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if isinstance(self.plan, StreamPlan):
+            yield from self._iter_streams(self.plan)
+            return
         size, batch = self.plan.window_size, self.batch_size
         first = self.epoch * self.plan.windows_per_epoch + self.position // size
         offset = self.position % size  # resuming inside a window: its bad samples were counted already
@@ -133,15 +172,45 @@ class TrainLoader(_Loader):
                 self.position += batch
                 if self.position == self.plan.samples_per_epoch:
                     self.epoch, self.position = self.epoch + 1, 0
-                yield _widen(window.codes[start : start + batch]), window.labels[start : start + batch]
+                rows = slice(start, start + batch)
+                yield _widen(window.codes[rows]), window.labels[rows], window.ids[rows]
+            offset = 0
+
+    def _iter_streams(self, plan: StreamPlan) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each global step: ``per_stream`` samples of each of this rank's streams, in stream order,
+        cut into micro batches. ``position`` counts this rank's samples of the epoch."""
+        per_rank = plan.per_stream * plan.streams_per_rank
+        step, into_step = divmod(self.position, per_rank)
+        number, offset = plan.first_window(self.epoch, step)
+        windows = self._windows(plan, number)
+        while True:
+            group = [next(windows) for _ in range(plan.streams_per_rank)]
+            if offset == 0:
+                for window in group:
+                    self._account(window)
+            for start in range(offset, group[0].codes.shape[0], plan.per_stream):
+                rows = slice(start, start + plan.per_stream)
+                codes = torch.cat([w.codes[rows] for w in group])
+                labels = torch.cat([w.labels[rows] for w in group])
+                ids = torch.cat([w.ids[rows] for w in group])
+                for begin in range(into_step, per_rank, self.batch_size):
+                    self.position += self.batch_size
+                    if self.position == plan.steps_per_epoch * per_rank:
+                        self.epoch, self.position = self.epoch + 1, 0
+                    part = slice(begin, begin + self.batch_size)
+                    yield _widen(codes[part]), labels[part], ids[part]
+                into_step = 0
             offset = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch, "position": self.position, "seed": self.config.seed, "world_size": self.world_size,
             "batch_size": self.batch_size, "window_size": self.plan.window_size, "num_samples": int(self.manifest.num_samples),
             "num_skipped": self.num_skipped, "num_read": self.num_read,
         }
+        if isinstance(self.plan, StreamPlan):
+            state.update(streams=self.plan.streams, per_stream=self.plan.per_stream)
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state["num_samples"] != self.manifest.num_samples or state["seed"] != self.config.seed:
@@ -150,6 +219,34 @@ class TrainLoader(_Loader):
                 f"{self.manifest.num_samples} samples ({self.manifest.location}) and seed {self.config.seed}"
             )
         self.epoch, self.num_skipped, self.num_read = int(state["epoch"]), int(state["num_skipped"]), int(state["num_read"])
+        if "streams" in state:
+            self._load_streams(state)
+            return
+        if isinstance(self.plan, StreamPlan):  # a run started before canonical streams keeps its order
+            self._use_rank_order(self.world_size, self.batch_size)
+        self._load_rank_order(state)
+
+    def _load_streams(self, state: Mapping[str, Any]) -> None:
+        streams, saved_world = int(state["streams"]), int(state["world_size"])
+        consumed = int(state["position"]) * saved_world  # samples of the epoch, all ranks together
+        if streams % self.world_size == 0 and self.global_batch == streams * int(state["per_stream"]):
+            if saved_world != self.world_size and consumed % self.global_batch:
+                raise ValueError(f"the data position ({consumed} samples into epoch {self.epoch}) is not at a global "
+                                 f"step boundary; resume with {saved_world} ranks")
+            self._use_streams(streams)
+            self.position = consumed // self.world_size
+            return
+        if self.config.resize != "approximate":
+            raise ValueError(
+                f"the run's sample order has {streams} canonical streams, which {self.world_size} ranks cannot share "
+                f"exactly; use a world size that divides {streams} (e.g. {world_sizes_for(streams, self.world_size)}), "
+                f"or data.resize=approximate to re-split the epoch per rank"
+            )
+        self._use_rank_order(self.world_size, self.batch_size)
+        self._load_rank_order({**state, "position": consumed // saved_world, "world_size": saved_world})
+
+    def _load_rank_order(self, state: Mapping[str, Any]) -> None:
+        assert isinstance(self.plan, TrainPlan)
         layout = (self.world_size, self.batch_size, self.plan.window_size)
         if (state["world_size"], state["batch_size"], state.get("window_size", layout[2])) == layout:
             self.position = int(state["position"])
@@ -211,7 +308,8 @@ class ValLoader(_Loader):
             yield take(batch)
 
 
-def build_train_loader(config: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int | None = None) -> TrainLoader:
+def build_train_loader(config: DataConfig, *, rank: int, world_size: int, batch_size: int, seed: int | None = None,
+                       global_batch: int | None = None) -> TrainLoader:
     """The training loader of one rank; ``seed`` (e.g. the run's seed) replaces ``config.seed``.
     Check the manifest against the model with :func:`check_manifest_matches` (``loader.manifest``)."""
     config.validate()
@@ -219,7 +317,8 @@ def build_train_loader(config: DataConfig, *, rank: int, world_size: int, batch_
         raise ValueError("data.train_manifest is empty: set it to the manifest.json written by 'mvar-dist prep'")
     if seed is not None:
         config = dataclasses.replace(config, seed=seed)
-    return TrainLoader(load_manifest(config.train_manifest, config.shard_url_template), config, rank, world_size, batch_size)
+    return TrainLoader(load_manifest(config.train_manifest, config.shard_url_template), config, rank, world_size, batch_size,
+                       global_batch)
 
 
 def build_val_loader(config: DataConfig, *, rank: int, world_size: int, batch_size: int) -> ValLoader | None:

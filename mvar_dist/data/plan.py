@@ -28,13 +28,14 @@ class Window:
     index: int  # within the rank's epoch
     chunks: tuple[Chunk, ...]
     shuffle: bool  # train: permute samples and pick a random view; validation: neither
+    stream: int | None = None  # keys the window's RNG: the canonical stream, else (None) the rank
 
     @property
     def size(self) -> int:
         return sum(c.stop - c.start for c in self.chunks)
 
 
-def _chunks(counts: np.ndarray, order: np.ndarray, begin: int, end: int) -> tuple[Chunk, ...]:
+def chunks_of(counts: np.ndarray, order: np.ndarray, begin: int, end: int) -> tuple[Chunk, ...]:
     """Sample range [begin, end) of the sequence 'shards in ``order``, each in stored order'."""
     ends = np.cumsum(counts[order])
     chunks, position = [], begin
@@ -87,7 +88,7 @@ class TrainPlan:
         epoch, index = divmod(number, self.windows_per_epoch)
         begin = self.rank * self.piece_size + index * self.window_size
         end = self.rank * self.piece_size + min(self.samples_per_epoch, (index + 1) * self.window_size)
-        return Window(epoch, index, _chunks(np.asarray(self.counts), self.shard_order(epoch), begin, end), shuffle=True)
+        return Window(epoch, index, chunks_of(np.asarray(self.counts), self.shard_order(epoch), begin, end), shuffle=True)
 
 
 @dataclass(frozen=True)
@@ -114,4 +115,4 @@ class ValPlan:
         if start >= end:
             return None
         order = np.arange(len(self.counts))
-        return Window(0, number, _chunks(np.asarray(self.counts), order, start, min(end, start + self.window_size)), shuffle=False)
+        return Window(0, number, chunks_of(np.asarray(self.counts), order, start, min(end, start + self.window_size)), shuffle=False)

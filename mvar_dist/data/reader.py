@@ -48,6 +48,13 @@ class WindowData:
     valid: torch.Tensor  # (K,) bool; False for bad samples (validation keeps their slot)
     num_bad: int
     bad_shards: dict[str, str]  # shard name -> first reason seen
+    ids: torch.Tensor | None = None  # (K,) int64 sample ids, shard index << 32 | position in the shard
+
+
+def sample_ids(window: Window) -> np.ndarray:
+    """The window's samples in plan order as ids: shard index << 32 | position in the shard."""
+    parts = [(chunk.shard << 32) + np.arange(chunk.start, chunk.stop, dtype=np.int64) for chunk in window.chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,7 @@ class WindowReader:
         stacked, labels, valid = (np.concatenate(p) for p in zip(*parts))
         return stacked, labels, valid
 
-    def _fill_from(self, window: Window, following: Iterable[Window], bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    def _fill_from(self, window: Window, following: Iterable[Window], bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Codes and labels of the good samples of the first of ``following`` that has any: what a
         training window with no readable sample is filled with (see the module docstring)."""
         for candidate in following:
@@ -172,7 +179,7 @@ class WindowReader:
                     "no readable sample in window %d of epoch %d (shards %s): filled with samples of window %d of epoch %d",
                     window.index, window.epoch, sorted(bad), candidate.index, candidate.epoch,
                 )
-                return stacked[valid], labels[valid]
+                return stacked[valid], labels[valid], sample_ids(candidate)[valid]
         raise BadDataError(
             f"no readable sample in window {window.index} of epoch {window.epoch} nor in the windows after it "
             f"(shards {sorted(bad)}); run 'mvar-dist verify-shards'"
@@ -184,13 +191,16 @@ class WindowReader:
         bad: dict[str, str] = {}
         stacked, label_array, valid = self._read_samples(window, bad)
         num_bad, size = int((~valid).sum()), len(valid)
+        ids = sample_ids(window)
         if window.shuffle:
-            rng = np.random.default_rng([self.seed, window.epoch, self.rank, window.index])
+            key = self.rank if window.stream is None else window.stream
+            rng = np.random.default_rng([self.seed, window.epoch, key, window.index])
             good = np.flatnonzero(valid)
             if good.size == 0 and size:
-                fill_codes, fill_labels = self._fill_from(window, following, bad)
+                fill_codes, fill_labels, fill_ids = self._fill_from(window, following, bad)
                 good = np.arange(size, size + len(fill_labels))
                 stacked, label_array = np.concatenate([stacked, fill_codes]), np.concatenate([label_array, fill_labels])
+                ids = np.concatenate([ids, fill_ids])
             # bad slots take random good samples (of the same window where it has any): the window
             # keeps its size, so every rank keeps the same number of batches
             source = np.arange(size)
@@ -198,12 +208,14 @@ class WindowReader:
             source = source[rng.permutation(size)]
             views = rng.integers(0, 2, size=size) if self.hflip else np.zeros(size, dtype=np.int64)
             selected, label_array, valid = stacked[source, views], label_array[source], np.ones(size, dtype=bool)
+            ids = ids[source]
         else:
             selected = stacked[:, 0]
         # int16 halves the bytes sent from workers; the main process widens each batch to long
         wire = np.int16 if self.vocab_size <= 2**15 else np.int32
         return WindowData(
-            torch.from_numpy(selected.astype(wire)), torch.from_numpy(label_array), torch.from_numpy(valid), num_bad, bad
+            torch.from_numpy(selected.astype(wire)), torch.from_numpy(label_array), torch.from_numpy(valid), num_bad, bad,
+            torch.from_numpy(ids),
         )
 
 
@@ -223,8 +235,10 @@ class WindowStream(IterableDataset):
 
     def _following(self, number: int) -> Iterator[Window]:
         """The windows after ``number``, up to one epoch's worth (training plans are endless)."""
-        limit = self.plan.windows_per_epoch if isinstance(self.plan, TrainPlan) else 0
-        for later in range(number + 1, number + 1 + limit):
+        # a stream's next windows are streams_per_rank apart in the rank's sequence
+        stride = getattr(self.plan, "streams_per_rank", 1)
+        limit = getattr(self.plan, "windows_per_epoch", getattr(self.plan, "windows_per_stream", 0))
+        for later in range(number + stride, number + stride * (limit + 1), stride):
             window = self.plan.window(later)
             if window is None:
                 return

@@ -51,11 +51,17 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """``uniform`` (batch,) in [0, 1): the sample's own draw (kept where < keep); None draws
+        from torch's RNG."""
         if not self.training or self.drop_prob == 0.0:
             return x
         keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        if uniform is None:
+            mask = x.new_empty(shape).bernoulli_(keep)
+        else:
+            mask = (uniform < keep).to(x.dtype).view(shape)
         return x * mask.div_(keep)
 
     def extra_repr(self) -> str:
@@ -145,16 +151,18 @@ class AdaLNSelfAttentionBlock(nn.Module):
         cond: torch.Tensor,
         plan: AttentionPlan | None = None,
         cache: KVCache | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (batch, n, dim); cond: (batch, dim)."""
+        """x: (batch, n, dim); cond: (batch, dim); noise: (batch, 2) per-sample drop-path draws of
+        the two branches, or None (torch's RNG)."""
         # the released order of the six modulation vectors
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (
             self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
         )
         h = self.attn(self.norm(x) * (1 + scale1) + shift1, plan=plan, cache=cache)
-        x = x + self.drop_path(h * gamma1)
+        x = x + self.drop_path(h * gamma1, None if noise is None else noise[:, 0])
         h = self.ffn(self.norm(x) * (1 + scale2) + shift2)
-        return x + self.drop_path(h * gamma2)
+        return x + self.drop_path(h * gamma2, None if noise is None else noise[:, 1])
 
 
 class AdaLNBeforeHead(nn.Module):

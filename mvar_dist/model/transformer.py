@@ -144,24 +144,31 @@ class MVAR(nn.Module):
                 f"{expected} tensor for patch_nums={self.layout.patch_nums}, got {tuple(teacher_input.shape)}"
             )
 
-    def drop_labels(self, label: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance training: replace labels by the null class at cond_drop_rate."""
+    def drop_labels(self, label: torch.Tensor, uniform: torch.Tensor | None = None) -> torch.Tensor:
+        """Classifier-free guidance training: replace labels by the null class at cond_drop_rate
+        (``uniform``: each sample's own draw in [0, 1); None: torch's RNG)."""
         if not self.training or self.config.cond_drop_rate == 0:
             return label
-        drop = torch.rand(label.shape, device=label.device) < self.config.cond_drop_rate
+        if uniform is None:
+            uniform = torch.rand(label.shape, device=label.device)
+        drop = uniform < self.config.cond_drop_rate
         return torch.where(drop, torch.full_like(label, self.num_classes), label)
 
     # ----- forward -----
 
     def forward(
-        self, label: torch.Tensor, teacher_input: torch.Tensor | None, scales: Iterable[int]
+        self, label: torch.Tensor, teacher_input: torch.Tensor | None, scales: Iterable[int],
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """label (B,), teacher_input (B, L - first_len, z_channels) -> logits (B, n, V) for the
-        tokens of ``scales`` in sequence order. In training mode labels are dropped to the null class."""
+        tokens of ``scales`` in sequence order. In training mode labels are dropped to the null class
+        and residual branches by drop-path: with ``noise`` (B, 1 + 2 x depth) uniforms in [0, 1),
+        column 0 decides the label drop and columns 1 + 2i, 2 + 2i block i's two branches, so that
+        a sample's draws do not depend on which rank or batch it is in; None draws from torch's RNG."""
         scales = self.check_scales(scales)
         check_labels(label, self.num_classes)
         self._check_teacher_input(teacher_input, label.shape[0], scales)
-        cond = self.class_emb(self.drop_labels(label))
+        cond = self.class_emb(self.drop_labels(label, None if noise is None else noise[:, 0]))
         offset = self.layout.scale_len(0)
         tokens = []
         for s in scales:
@@ -169,7 +176,7 @@ class MVAR(nn.Module):
             teacher = None if s == 0 else teacher_input[:, begin - offset : end - offset]
             tokens.append(self.scale_tokens(s, start=cond, teacher=teacher))
         x = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
-        return self.logits(x, cond, plan=self.attention_plan(scales))
+        return self.logits(x, cond, plan=self.attention_plan(scales), noise=noise)
 
     def logits(
         self,
@@ -177,16 +184,18 @@ class MVAR(nn.Module):
         cond: torch.Tensor,
         plan: AttentionPlan | None = None,
         caches: list[KVCache] | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the blocks and head on embedded tokens x (B, n, C) with class embeddings cond (B, C)."""
         recompute = self.checkpoint_every and self.training and torch.is_grad_enabled() and caches is None
         for i, block in enumerate(self.blocks):
+            block_noise = None if noise is None else noise[:, 1 + 2 * i : 3 + 2 * i]
             if recompute and i % self.checkpoint_every == 0:
                 # keep only the block's input; its activations are recomputed in backward (with the
                 # same RNG draws, so drop-path masks and the gradients are unchanged)
-                x = checkpoint(block, x, cond, plan, use_reentrant=False)
+                x = checkpoint(block, x, cond, plan, None, block_noise, use_reentrant=False)
             else:
-                x = block(x, cond, plan=plan, cache=None if caches is None else caches[i])
+                x = block(x, cond, plan=plan, cache=None if caches is None else caches[i], noise=block_noise)
         return self.head(self.head_nm(x, cond))
 
     def set_activation_checkpointing(self, every: int) -> None:

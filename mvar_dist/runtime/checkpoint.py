@@ -126,6 +126,9 @@ def load_checkpoint(engines: Engines, run_dir: RunDir, point: ResumePoint, world
             raise RuntimeError(failure)
         root = resize.universal_root(run_dir)
     loads = [(engines.main, root, point.tag), *((e, root / point.tag, n) for n, e in engines.others.items())]
+    # ZeRO-3's universal loading gives every parameter group the first group's hyperparameters (a
+    # decay group and a no-decay group would both decay): the config's values are put back after it
+    settings = [_group_settings(target) for target, _, _ in loads]
     for target, directory, tag in loads:
         with weights_only_loading():
             path, _ = target.load_checkpoint(
@@ -134,6 +137,9 @@ def load_checkpoint(engines: Engines, run_dir: RunDir, point: ResumePoint, world
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
     if resized:
+        for (target, _, _), saved in zip(loads, settings):
+            for group, values in zip(target.optimizer.param_groups, saved):
+                group.update(values)
         _barrier()
         if rank == 0:
             resize.remove_universal(run_dir)
@@ -144,6 +150,10 @@ def load_checkpoint(engines: Engines, run_dir: RunDir, point: ResumePoint, world
             f"resume with the same world size"
         )
     return read_rank_state(rank_file)
+
+
+def _group_settings(engine: Any) -> list[dict[str, Any]]:
+    return [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
 
 
 # ----- finding a checkpoint to resume from -----

@@ -74,7 +74,8 @@ def train_step(generator: Any, critic: Any, perceptual_net: Any, loss: LossSecti
     gan_on = loss.gan > 0 and gan_factor(step, loss.gan_start_step) > 0
     targets: list[torch.Tensor] = []
     images_seen = 0
-    for _ in range(generator.gradient_accumulation_steps()):
+    micro_batches = generator.gradient_accumulation_steps()
+    for index in range(micro_batches):
         with torch.random.fork_rng(devices=[]):  # the loader's workers must not shift the training RNG
             images, _ = next(batches)
         images = images.to(device)
@@ -92,9 +93,13 @@ def train_step(generator: Any, critic: Any, perceptual_net: Any, loss: LossSecti
             critic.module.requires_grad_(False)  # its gradients come from its own step only
             g_loss = hinge_g_loss(critic.module(recon))
             critic.module.requires_grad_(True)
+            # the weight's autograd.grad calls are no backward of the step: at an accumulation
+            # boundary DeepSpeed would reduce gradients after them (and fail on empty buckets)
+            generator.set_gradient_accumulation_boundary(False)
             weight = (adaptive_weight(nll, g_loss, vqvae.decoder.conv_out.weight) if loss.adaptive_gan_weight
                       else torch.ones(()))
             total = total + loss.gan * weight * g_loss
+            generator.set_gradient_accumulation_boundary(index == micro_batches - 1)
         generator.backward(total)
         generator.step()
         d_loss, real, fake = torch.zeros(()), torch.zeros(()), torch.zeros(())

@@ -32,6 +32,7 @@ from mvar_dist.tracking import Tracker
 from mvar_dist.training import evaluation
 from mvar_dist.training.losses import ScaleStats, scale_metrics, token_loss
 from mvar_dist.training.optimizer import build_engine, set_lr
+from mvar_dist.training.sample_noise import sample_uniforms
 from mvar_dist.training.schedule import step_groups
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def train_step(
     label_smoothing: float,
     device: torch.device,
     poison: bool = False,
+    noise_key: tuple[int, int] | None = None,
 ) -> StepResult:
     """Forward/backward every (micro-batch, scale group) pair; one optimizer step at the end.
 
@@ -79,7 +81,8 @@ def train_step(
     global batch is a boundary, so there is exactly one optimizer step (and one gradient
     reduction) per global batch however many groups and micro-batches there are. DeepSpeed
     divides each loss by gradient_accumulation_steps (= micro-batches), which averages over
-    micro-batches; groups add up, giving the full loss.
+    micro-batches; groups add up, giving the full loss. ``noise_key`` = (seed, step): draw label
+    drop and drop-path per sample (:mod:`mvar_dist.training.sample_noise`); None: torch's RNG.
     """
     layout: ScaleLayout = model.layout
     num_tokens = layout.num_tokens
@@ -91,15 +94,19 @@ def train_step(
         # the loader may draw from torch's global RNG (a DataLoader seeds its workers from it when
         # it starts, which a resumed run does at another step): keep it off the training stream
         with torch.random.fork_rng(devices=[]):
-            codes, labels = next(batches)
+            codes, labels, ids = next(batches)
         codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         result.data_wait += time.perf_counter() - wait
         teacher = tokenizer.codes_to_teacher_input(codes).to(dtype)
         result.images += codes.shape[0]
-        for group in groups:
+        for number, group in enumerate(groups):
             done += 1
             engine.set_gradient_accumulation_boundary(done == total_passes)
-            logits = engine(labels, teacher, group)
+            noise = None
+            if noise_key is not None:
+                columns = 1 + 2 * len(model.blocks)
+                noise = sample_uniforms(noise_key[0], noise_key[1], ids, number, columns).to(device)
+            logits = engine(labels, teacher, group, noise)
             targets = model.targets_for(codes, group)
             loss = token_loss(logits, targets, num_tokens, label_smoothing)
             if poison:  # testing hook: a non-finite loss whose gradients are non-finite too
@@ -160,7 +167,8 @@ class TransformerTask:
         model, batch = self.config.model, self.config.train.batch_split(world_size).micro_batch
         loaders = []
         try:
-            loaders.append(data_lib.build_train_loader(self.config.data, rank=rank, world_size=world_size, batch_size=batch))
+            loaders.append(data_lib.build_train_loader(self.config.data, rank=rank, world_size=world_size, batch_size=batch,
+                                                       global_batch=self.config.train.global_batch_size))
             if self.config.train.val_every_steps > 0:
                 loaders.append(data_lib.build_val_loader(self.config.data, rank=rank, world_size=world_size, batch_size=batch))
             for loader in loaders:
@@ -219,6 +227,7 @@ class TransformerTask:
         result = train_step(
             self.engine, self.model, self.tokenizer, batches, self.engine.gradient_accumulation_steps(),
             step_groups(cfg, step), stats, cfg.train.label_smoothing, context.device, poison=poison,
+            noise_key=(cfg.run.seed, step) if getattr(self.loader, "per_sample_noise", False) else None,
         )
         applied = bool(self.engine.was_step_applied())
         sums, reduced = reduce_step(result, stats, int(getattr(self.loader, "num_skipped", 0)),
