@@ -100,3 +100,10 @@ def test_tokenizer_run_resumes_on_another_world_size(tmp_path):
     assert "written by 2 ranks, on 1 ranks" in resumed.stderr and "image loader resumed" in resumed.stderr
     state = read_run_state(RunDir(tmp_path / "run").run_state_file(RunDir(tmp_path / "run").latest_tag()))
     assert state.world_sizes == ((0, 2), (2, 1))
+    from mvar_dist.launch.status import write_job_record
+
+    # as a job of `mvar-dist submit --cluster local` records itself
+    write_job_record(tmp_path / "run", {"kind": "train", "job_id": "1", "cluster": "local", "folder": str(tmp_path),
+                                        "stdout": "-", "stderr": "-"})
+    status = cli("status", str(tmp_path / "run"))
+    assert "world sizes: 2 ranks from step 0, 1 ranks from step 2" in status.stdout, status.stdout + status.stderr

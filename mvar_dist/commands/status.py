@@ -33,6 +33,8 @@ def format_status(status: dict[str, Any]) -> str:
     if "checkpoint" in status:
         last = status["checkpoint"]
         lines.append(f"checkpoint:  {'none yet' if last is None else 'step %d (%s)' % (last['step'], last['tag'])}")
+        if last is not None and len(last.get("world_sizes", ())) > 1:  # the run changed its cluster size
+            lines.append("world sizes: " + ", ".join(f"{w} ranks from step {s}" for s, w in last["world_sizes"]))
     if "mlflow" in status:
         run = status["mlflow"]
         if run is None:

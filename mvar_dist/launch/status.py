@@ -93,7 +93,10 @@ def job_state(job_id: str) -> dict[str, Any]:
 
 def last_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     point = RunDir(run_dir).read_latest()
-    return None if point is None else {"step": point.step, "tag": point.tag}
+    if point is None:
+        return None
+    return {"step": point.step, "tag": point.tag,
+            "world_sizes": [list(stretch) for stretch in point.run_state.with_world_size(point.step, point.run_state.world_size)]}
 
 
 def mlflow_run_info(run_dir: Path) -> dict[str, Any] | None:

@@ -60,7 +60,16 @@ def prepare_universal(run_dir: RunDir, tag: str, others: list[str]) -> Path:
     """Rank 0: the universal copy of ``tag`` (the main engine at its top, each of ``others`` in a
     sub-directory of that name, as in the tag itself); returns the directory holding it."""
     root = universal_root(run_dir)
-    convert_to_universal(run_dir.tag_dir(tag), root / tag)
+    source = run_dir.tag_dir(tag)
+    if others:  # the converter counts model-state files recursively: show it the main engine's only
+        staging = root / f".{tag}.main"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for path in source.iterdir():
+            if path.is_file():
+                (staging / path.name).symlink_to(path.resolve())
+        source = staging
+    convert_to_universal(source, root / tag)
     for name in others:
         convert_to_universal(run_dir.tag_dir(tag) / name, root / tag / name)
     return root
