@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict:
     def batches():
         while True:
             codes = torch.randint(0, 4096, (args.batch, model.layout.num_tokens), generator=generator)
-            yield codes, torch.randint(0, 1000, (args.batch,), generator=generator)
+            yield codes, torch.randint(0, 1000, (args.batch,), generator=generator), torch.arange(args.batch)
 
     stream = batches()
 
