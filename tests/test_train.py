@@ -125,7 +125,8 @@ def test_schedule_all_step_equals_a_plain_torch_full_loss_step(tiny_codes, tmp_p
     tokenizer = MultiScaleVQVAE.from_checkpoint(tiny_codes.tokenizer, **config.tokenizer.options)
     codes, labels = [], []
     for rank in range(2):
-        batches = iter(build_train_loader(config.data, rank=rank, world_size=2, batch_size=2))
+        batches = iter(build_train_loader(config.data, rank=rank, world_size=2, batch_size=2,
+                                          global_batch=config.train.global_batch_size))  # the trainer's order
         for _ in range(2):
             c, l, _ = next(batches)
             codes.append(c), labels.append(l)
