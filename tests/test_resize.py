@@ -12,11 +12,14 @@ from test_train import TINY, metric_history, ok, run_train
 
 from mvar_dist.run_dir import RunDir
 from mvar_dist.run_state import read_run_state
+from mvar_dist.runtime.safe_loading import weights_only_loading
 
 
 def optimizer_step_count(run_dir: Path, step: int) -> int:
-    states = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)
+    # DeepSpeed's model-states file holds a few of its own types: allow those, nothing else
+    with weights_only_loading():
+        states = torch.load(run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=True)
     return int(states["global_steps"])
 
 

@@ -227,7 +227,7 @@ class TransformerTask:
         result = train_step(
             self.engine, self.model, self.tokenizer, batches, self.engine.gradient_accumulation_steps(),
             step_groups(cfg, step), stats, cfg.train.label_smoothing, context.device, poison=poison,
-            noise_key=(cfg.run.seed, step) if getattr(self.loader, "per_sample_noise", False) else None,
+            noise_key=(cfg.run.seed, step) if self.loader.per_sample_noise else None,
         )
         applied = bool(self.engine.was_step_applied())
         sums, reduced = reduce_step(result, stats, int(getattr(self.loader, "num_skipped", 0)),
