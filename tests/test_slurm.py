@@ -195,6 +195,23 @@ def test_manifest_urls_and_dry_runs_are_not_checked(tmp_path):
     prepare(TINY_CONFIG, [*base, f"data.train_manifest={tmp_path / 'gone'}"], {"cluster": "local"}, dry_run=True)
 
 
+def test_the_job_logs_where_submit_says(tmp_path, monkeypatch):
+    """The tracking URI is fixed at submission: the job must not depend on the environment it
+    starts in (a cluster profile, sbatch --export=NONE)."""
+    from mvar_dist.launch.submit import prepare
+
+    manifest = write_manifest_stub(tmp_path / "codes" / "train")
+    base = [f"run.dir={tmp_path / 'run'}", "tokenizer.checkpoint=null", f"data.train_manifest={manifest}"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    config, _ = prepare(TINY_CONFIG, base, {"cluster": "local"})
+    assert config.tracking.uri == "http://127.0.0.1:5999"
+    config, _ = prepare(TINY_CONFIG, [*base, "tracking.uri=sqlite:////elsewhere.db"], {"cluster": "local"})
+    assert config.tracking.uri == "sqlite:////elsewhere.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    config, _ = prepare(TINY_CONFIG, base, {"cluster": "local"})
+    assert config.tracking.uri == f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+
+
 def test_status_without_submission_says_so(capsys, tmp_path):
     code, _, err = run_cli(capsys, "status", str(tmp_path))
     assert code == 2 and "slurm_job.json not found" in err

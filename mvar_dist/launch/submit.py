@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 from mvar_dist.config import Experiment, LaunchConfig, kind_of, load_experiment, validate_experiment, validate_launch
 from mvar_dist.launch.slurm import check_partition, check_resources, make_executor
 from mvar_dist.launch.status import write_job_record
+from mvar_dist.tracking import resolve_tracking_uri
 
 
 def resolve_launch(config: Experiment, changes: Mapping[str, Any]) -> LaunchConfig:
@@ -34,8 +35,11 @@ def prepare(
     validate_launch(launch)
     # the job may start in another directory; the run dir is fixed at submission
     run = dataclasses.replace(config.run, dir=str(Path(config.run.dir).absolute()))
+    # the job logs where this command says it will: $MLFLOW_TRACKING_URI of this shell, not of
+    # whatever environment the job starts in (sbatch --export, a cluster's own profile)
+    tracking = dataclasses.replace(config.tracking, uri=resolve_tracking_uri(config.tracking.uri, Path(run.dir)))
     # the run's saved config records the resources it ran with
-    config = dataclasses.replace(config, run=run, launch=launch)
+    config = dataclasses.replace(config, run=run, launch=launch, tracking=tracking)
     validate_experiment(config, launch.world_size)
     if dry_run:
         return config, launch
