@@ -5,7 +5,9 @@
 - prep (``mvar-dist prep``'s shard_dataset): decode, ADM crop, encode image and flip, write;
 - code loader (:class:`mvar_dist.data.TrainLoader`) with 1 and 2 DataLoader workers, over
   shards holding the prep's samples replicated to ``--samples`` samples (content does not
-  change the loader's cost, only the bytes per sample do: L = 680 as at 256 px).
+  change the loader's cost, only the bytes per sample do: L = 680 as at 256 px), in the
+  canonical-stream order the trainer uses (global batch ``--batch-size`` on one rank), and in
+  the per-rank order of runs started before canonical streams.
 
 The tokenizer is the released architecture (ch 160, V 4096, 256 px) with random weights:
 the cost of encoding does not depend on the weights. Usage::
@@ -104,9 +106,16 @@ def replicate(split_dir: Path, out: Path, num_samples: int, shard_size: int = 10
     return out
 
 
-def loader_rate(manifest_dir: Path, workers: int, batch_size: int) -> float:
+def train_loader(manifest_dir: Path, workers: int, batch_size: int, canonical: bool) -> TrainLoader:
+    """One rank's loader as the trainer builds it: canonical streams of a global batch of
+    ``batch_size`` (the default), or the per-rank order of runs started before them."""
+    config = DataConfig(num_workers=workers, canonical_ranks="auto" if canonical else None)
+    return TrainLoader(load_manifest(manifest_dir), config, 0, 1, batch_size, global_batch=batch_size)
+
+
+def loader_rate(manifest_dir: Path, workers: int, batch_size: int, canonical: bool = True) -> float:
     """Samples/s of the training loader over one epoch, after its first batch (worker start-up)."""
-    loader = TrainLoader(load_manifest(manifest_dir), DataConfig(num_workers=workers), 0, 1, batch_size)
+    loader = train_loader(manifest_dir, workers, batch_size, canonical)
     batches = iter(loader)
     next(batches)
     count = loader.batches_per_epoch - 1
@@ -116,13 +125,18 @@ def loader_rate(manifest_dir: Path, workers: int, batch_size: int) -> float:
     return count * batch_size / (time.perf_counter() - start)
 
 
-def reader_cpu_rate(manifest_dir: Path, batch_size: int) -> float:
+def reader_cpu_rate(manifest_dir: Path, batch_size: int, canonical: bool = True) -> float:
     """Samples per CPU-second of the work one loader worker does (reading and shuffling one
     epoch's windows), timed in this process with process_time: what one worker delivers when it
     has a core to itself, however loaded the machine is."""
-    loader = TrainLoader(load_manifest(manifest_dir), DataConfig(num_workers=0), 0, 1, batch_size)
-    reader = window_reader(loader.manifest, loader.config, 0)
-    windows = [loader.plan.window(n) for n in range(loader.plan.windows_per_epoch)]
+    loader = train_loader(manifest_dir, 0, batch_size, canonical)
+    plan = loader.plan
+    if canonical:
+        count, held = plan.windows_per_stream * plan.streams_per_rank, plan.streams_per_rank + 1
+    else:
+        count, held = plan.windows_per_epoch, 2
+    reader = window_reader(loader.manifest, loader.config, 0, held)
+    windows = [plan.window(n) for n in range(count)]
     start = time.process_time()
     samples = sum(reader.read(window).codes.shape[0] for window in windows)
     return samples / (time.process_time() - start)
@@ -153,6 +167,8 @@ def main() -> None:
         big = replicate(tmp / "codes" / "train", tmp / "big", args.samples)
         rates = {w: loader_rate(big, w, args.batch_size) for w in (1, 2)}
         cpu_rate = reader_cpu_rate(big, args.batch_size)
+        legacy_rate = loader_rate(big, 1, args.batch_size, canonical=False)
+        legacy_cpu_rate = reader_cpu_rate(big, args.batch_size, canonical=False)
     print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}; "
           f"tokenizer ch={args.tokenizer_ch}, {tokenizer.image_size} px, L={tokenizer.layout.num_tokens}")
     print(f"{'path':<44}{'samples/s':>12}{'per worker':>12}{'x on-the-fly':>14}")
@@ -162,6 +178,8 @@ def main() -> None:
         ("prep: decode+crop+encode 2 views+write", prep_rate, prep_rate),
     ] + [(f"code loader, {w} worker{'s' if w > 1 else ''}", r, r / w) for w, r in rates.items()]
     rows.append(("code loader worker, per CPU-second", cpu_rate, cpu_rate))
+    rows.append(("per-rank order (legacy runs), 1 worker", legacy_rate, legacy_rate))
+    rows.append(("per-rank order worker, per CPU-second", legacy_cpu_rate, legacy_cpu_rate))
     for name, rate, per_worker in rows:
         print(f"{name:<44}{_fmt(rate):>12}{_fmt(per_worker):>12}{_fmt(rate / fly_rate):>14}")
 

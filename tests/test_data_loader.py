@@ -312,3 +312,55 @@ def test_runs_started_before_canonical_streams_keep_their_order(split_dir, sampl
     resumed.load_state_dict(state)
     assert not resumed.per_sample_noise
     assert all(torch.equal(a, b) for a, b in zip(reference, [c for c, *_ in islice(iter(resumed), 4)]))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_canonical_streams_read_each_shard_once_per_epoch(split_dir, samples, world, monkeypatch):
+    """A stream's windows are smaller than a shard (here one sample each): the shard must still
+    come from storage once per epoch, not once per window, and a rank reads only its share."""
+    import webdataset
+
+    opened: list[Counter] = [Counter() for _ in range(world)]
+    reading = [0]
+    real_gopen = webdataset.gopen
+
+    def counting_gopen(url, mode="rb", **kwargs):
+        opened[reading[0]][Path(url).name] += 1
+        return real_gopen(url, mode, **kwargs)
+
+    monkeypatch.setattr(webdataset, "gopen", counting_gopen)
+    manifest = load_manifest(split_dir)  # 48 samples in 7 shards; 8 streams of 6 samples
+    loaders = stream_loaders(manifest, world, 8 // world)
+    iterators = [iter(loader) for loader in loaders]
+    epoch_shards: list[set[str]] = [set() for _ in range(world)]
+    for _ in range(6):  # one epoch: 6 global steps of 8
+        for rank, it in enumerate(iterators):
+            reading[0] = rank
+            codes, _, ids = next(it)
+            epoch_shards[rank] |= {manifest.shard_urls[int(i) >> 32].rsplit("/", 1)[-1] for i in ids}
+    for rank in range(world):
+        assert max(opened[rank].values()) == 1, opened[rank]  # each shard once in the epoch
+        assert set(opened[rank]) == epoch_shards[rank]  # and only the shards of its samples
+        sizes = sum((split_dir / name).stat().st_size for name in opened[rank])
+        assert loaders[rank].bytes_read == sizes
+
+
+@pytest.mark.parametrize(("world", "workers"), [(1, 2), (1, 3), (2, 4), (4, 2)])
+def test_canonical_streams_read_each_shard_once_with_workers(split_dir, samples, world, workers):
+    """Workers take windows in turn: a stream must stay with one worker, else each worker would
+    fetch its shards again (3 workers and 8 streams run on 1; 4 workers and 4 streams on 4). A
+    shard that two streams share may be fetched by both streams' workers, not more often."""
+    manifest = load_manifest(split_dir)
+    loaders = stream_loaders(manifest, world, 8 // world, num_workers=workers)
+    iterators = [iter(loader) for loader in loaders]
+    per_stream: list[dict[int, set[int]]] = [{} for _ in range(world)]
+    for _ in range(6):
+        for rank, it in enumerate(iterators):
+            rows = torch.cat([next(it)[2] for _ in range(loaders[rank].batches_per_epoch // 6)])
+            for row, sample in enumerate(rows.tolist()):  # a rank's step: each of its streams in turn
+                per_stream[rank].setdefault(row // loaders[rank].plan.per_stream, set()).add(sample >> 32)
+    size = lambda shard: (split_dir / Path(manifest.shard_urls[shard]).name).stat().st_size  # noqa: E731
+    for rank, loader in enumerate(loaders):
+        once = sum(size(s) for s in set().union(*per_stream[rank].values()))
+        once_per_stream = sum(size(s) for shards in per_stream[rank].values() for s in shards)
+        assert once <= loader.bytes_read <= once_per_stream

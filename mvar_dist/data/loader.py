@@ -44,18 +44,19 @@ from torch.utils.data import DataLoader
 
 from mvar_dist.data.config import DataConfig
 from mvar_dist.data.plan import TrainPlan, ValPlan
-from mvar_dist.data.reader import BadDataError, WindowData, WindowReader, WindowStream
+from mvar_dist.data.reader import BadDataError, StreamBlocks, WindowData, WindowReader, WindowStream
 from mvar_dist.data.streams import StreamPlan, auto_streams, world_sizes_for
 from mvar_dist.shards.manifest import Manifest, load_manifest
 
 logger = logging.getLogger(__name__)
 
 
-def window_reader(manifest: Manifest, config: DataConfig, rank: int) -> WindowReader:
-    """What one DataLoader worker runs: reads and shuffles windows of ``manifest``'s shards."""
+def window_reader(manifest: Manifest, config: DataConfig, rank: int, held_shards: int = 2) -> WindowReader:
+    """What one DataLoader worker runs: reads and shuffles windows of ``manifest``'s shards,
+    keeping the last ``held_shards`` shards in memory."""
     return WindowReader(
         manifest.shard_urls, int(manifest.num_tokens), int(manifest.vocab_size), int(manifest.num_classes),
-        config.seed, rank, config.hflip, config.bad_data,
+        config.seed, rank, config.hflip, config.bad_data, held_shards,
     )
 
 
@@ -81,6 +82,7 @@ class _Loader:
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_skipped = 0  # bad samples met so far (train: replaced; validation: masked)
         self.num_read = 0
+        self.bytes_read = 0  # shard bytes fetched from storage by this loader (not saved in state_dict)
         self.epoch_size = 0  # samples this rank reads per epoch (set by the subclass)
         self._warned: set[str] = set()
 
@@ -90,8 +92,26 @@ class _Loader:
         extra = dict(prefetch_factor=self.config.prefetch_windows) if workers else {}
         return iter(DataLoader(stream, batch_size=None, num_workers=workers, **extra))
 
+    def _stream_blocks(self, plan: StreamPlan, first_index: int) -> tuple[Iterator[WindowData], int]:
+        """(items, items per window index): stacked windows of blocks of this rank's streams, each block always from one worker.
+        Workers take items in turn, so their count must divide the rank's streams: a worker
+        count that does not is lowered to their greatest common divisor."""
+        workers = self.config.num_workers
+        if workers and plan.streams_per_rank % workers:
+            fewer = math.gcd(workers, plan.streams_per_rank)
+            logger.info("data.num_workers=%d does not divide the %d canonical streams of this rank: using %d worker(s)",
+                        workers, plan.streams_per_rank, fewer)
+            workers = fewer
+        # each worker holds the current shard of each of its streams and the one a window straddles into
+        held = plan.streams_per_rank // max(1, workers) + 1
+        blocks = StreamBlocks(plan, window_reader(self.manifest, self.config, self.rank, held), first_index, workers)
+        extra = dict(prefetch_factor=self.config.prefetch_windows) if workers else {}
+        items = iter(DataLoader(blocks, batch_size=None, num_workers=workers, **extra))
+        return items, max(1, workers)
+
     def _account(self, window: WindowData) -> None:
-        self.num_read += window.codes.shape[0]
+        self.num_read += window.labels.numel()  # a window, or a block of stacked windows
+        self.bytes_read += window.bytes_read
         self.num_skipped += window.num_bad
         for shard, reason in window.bad_shards.items():
             if shard not in self._warned:
@@ -182,17 +202,18 @@ class TrainLoader(_Loader):
         per_rank = plan.per_stream * plan.streams_per_rank
         step, into_step = divmod(self.position, per_rank)
         number, offset = plan.first_window(self.epoch, step)
-        windows = self._windows(plan, number)
+        blocks, per_index = self._stream_blocks(plan, number // plan.streams_per_rank)
         while True:
-            group = [next(windows) for _ in range(plan.streams_per_rank)]
+            # (streams, window, ...): the blocks of one window index arrive in stream order
+            group = [next(blocks) for _ in range(per_index)]
             if offset == 0:
-                for window in group:
-                    self._account(window)
-            for start in range(offset, group[0].codes.shape[0], plan.per_stream):
+                for block in group:
+                    self._account(block)
+            all_codes, all_labels, all_ids = (torch.cat([getattr(b, name) for b in group]) for name in ("codes", "labels", "ids"))
+            for start in range(offset, all_codes.shape[1], plan.per_stream):
                 rows = slice(start, start + plan.per_stream)
-                codes = torch.cat([w.codes[rows] for w in group])
-                labels = torch.cat([w.labels[rows] for w in group])
-                ids = torch.cat([w.ids[rows] for w in group])
+                codes = all_codes[:, rows].reshape(-1, all_codes.shape[-1])
+                labels, ids = all_labels[:, rows].reshape(-1), all_ids[:, rows].reshape(-1)
                 for begin in range(into_step, per_rank, self.batch_size):
                     self.position += self.batch_size
                     if self.position == plan.steps_per_epoch * per_rank:

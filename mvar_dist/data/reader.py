@@ -20,7 +20,8 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Literal
 
 import numpy as np
@@ -28,6 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mvar_dist.data.plan import Chunk, TrainPlan, ValPlan, Window
+from mvar_dist.data.streams import StreamPlan
 from mvar_dist.shards import read_errors
 from mvar_dist.shards.format import (
     CLS_FIELD,
@@ -37,7 +39,7 @@ from mvar_dist.shards.format import (
     decode_label,
 )
 from mvar_dist.shards.read_errors import BadDataError
-from mvar_dist.shards.tar_reader import ShardReadError, iter_samples, read_canonical
+from mvar_dist.shards.tar_reader import CanonicalShard, ShardReadError, iter_samples, read_canonical
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class WindowData:
     num_bad: int
     bad_shards: dict[str, str]  # shard name -> first reason seen
     ids: torch.Tensor | None = None  # (K,) int64 sample ids, shard index << 32 | position in the shard
+    bytes_read: int = 0  # bytes this window fetched from storage (shards already held were not read again)
 
 
 def sample_ids(window: Window) -> np.ndarray:
@@ -59,7 +62,12 @@ def sample_ids(window: Window) -> np.ndarray:
 
 @dataclass(frozen=True)
 class WindowReader:
-    """Reads windows from shards; picklable, so it travels to DataLoader workers."""
+    """Reads windows from shards; picklable, so it travels to DataLoader workers.
+
+    The last ``held_shards`` shards read stay in memory: windows are often smaller than a shard
+    (a canonical stream's window is ``shuffle_window / streams`` samples), and without them a
+    1000-sample shard would come from storage once per window that touches it instead of once.
+    """
 
     shard_urls: tuple[str, ...]
     num_tokens: int
@@ -69,6 +77,9 @@ class WindowReader:
     rank: int
     hflip: bool
     bad_data: Literal["skip", "fail"]
+    held_shards: int = 2
+    # shard index -> its canonical parse, or its bytes; least recently used first
+    _held: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False, compare=False)
 
     def _bad(self, shard: int, key: str, reason: str, bad: dict[str, str]) -> None:
         name = self.shard_urls[shard]
@@ -94,8 +105,23 @@ class WindowReader:
                 time.sleep(delays[attempt])
                 attempt += 1
 
-    def _read_chunk(self, chunk: Chunk, bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(codes (m, 2, L) uint16, labels (m,), valid (m,)) of the chunk's m samples."""
+    def _shard(self, shard: int, expected: int) -> tuple[bytes | None, CanonicalShard | None, int]:
+        """(bytes, canonical parse, bytes fetched now) of a shard, from memory if held: the parse of
+        a canonical shard (its codes and labels, about half the shard's bytes), else the bytes."""
+        if shard in self._held:
+            self._held.move_to_end(shard)
+            held = self._held[shard]
+            return (None, held, 0) if isinstance(held, CanonicalShard) else (held, None, 0)
+        data = self._read_shard(shard)
+        fast = read_canonical(data, expected)
+        if self.held_shards > 0:
+            self._held[shard] = fast if fast is not None else data
+            while len(self._held) > self.held_shards:
+                self._held.popitem(last=False)
+        return data, fast, len(data)
+
+    def _read_chunk(self, chunk: Chunk, bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(codes (m, 2, L) uint16, labels (m,), valid (m,), bytes fetched) of the chunk's m samples."""
         expected = NUM_VIEWS * self.num_tokens * CODES_DTYPE.itemsize
         size = chunk.stop - chunk.start
         codes = np.zeros((size, expected), dtype=np.uint8)
@@ -103,11 +129,10 @@ class WindowReader:
         valid = np.zeros(size, dtype=bool)
         keys: dict[int, str] = {}
         try:
-            data = self._read_shard(chunk.shard)
+            data, fast, fetched = self._shard(chunk.shard, expected)
         except OSError as error:
             self._bad(chunk.shard, "#0", f"cannot read shard: {error}", bad)
-            return codes.view(CODES_DTYPE).reshape(size, NUM_VIEWS, -1), labels, valid
-        fast = read_canonical(data, expected)
+            return codes.view(CODES_DTYPE).reshape(size, NUM_VIEWS, -1), labels, valid, 0
         if fast is not None:
             rows = slice(chunk.start, min(chunk.stop, len(fast.labels)))
             count = max(0, rows.stop - rows.start)
@@ -130,7 +155,7 @@ class WindowReader:
             self._bad(chunk.shard, key_of(row), problem, bad)
             valid[row] = False
         labels[~valid] = 0
-        return codes, labels, valid
+        return codes, labels, valid, fetched
 
     def _read_slow(self, chunk: Chunk, data: bytes, expected: int, codes: np.ndarray, labels: np.ndarray,
                    valid: np.ndarray, keys: dict[int, str], bad: dict[str, str]) -> int:
@@ -161,19 +186,19 @@ class WindowReader:
             self._bad(chunk.shard, f"#{position}", f"shard unreadable from sample {position} on: {error}", bad)
         return position
 
-    def _read_samples(self, window: Window, bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(codes (K, 2, L), labels (K,), valid (K,)) of the window's samples in plan order."""
+    def _read_samples(self, window: Window, bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(codes (K, 2, L), labels (K,), valid (K,), bytes fetched) of the window's samples in plan order."""
         parts = [self._read_chunk(chunk, bad) for chunk in window.chunks]
         if not parts:
-            return np.zeros((0, NUM_VIEWS, self.num_tokens), CODES_DTYPE), np.zeros(0, np.int64), np.zeros(0, bool)
-        stacked, labels, valid = (np.concatenate(p) for p in zip(*parts))
-        return stacked, labels, valid
+            return np.zeros((0, NUM_VIEWS, self.num_tokens), CODES_DTYPE), np.zeros(0, np.int64), np.zeros(0, bool), 0
+        stacked, labels, valid = (np.concatenate(p) for p in list(zip(*parts))[:3])
+        return stacked, labels, valid, sum(part[3] for part in parts)
 
     def _fill_from(self, window: Window, following: Iterable[Window], bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Codes and labels of the good samples of the first of ``following`` that has any: what a
         training window with no readable sample is filled with (see the module docstring)."""
         for candidate in following:
-            stacked, labels, valid = self._read_samples(candidate, {})  # its bad shards are reported in its turn
+            stacked, labels, valid, _ = self._read_samples(candidate, {})  # its bad shards are reported in its turn
             if valid.any():
                 logger.warning(
                     "no readable sample in window %d of epoch %d (shards %s): filled with samples of window %d of epoch %d",
@@ -189,7 +214,7 @@ class WindowReader:
         """The window's samples; ``following`` (the plan's next windows, read lazily) fills a
         training window that has no readable sample."""
         bad: dict[str, str] = {}
-        stacked, label_array, valid = self._read_samples(window, bad)
+        stacked, label_array, valid, fetched = self._read_samples(window, bad)
         num_bad, size = int((~valid).sum()), len(valid)
         ids = sample_ids(window)
         if window.shuffle:
@@ -215,8 +240,56 @@ class WindowReader:
         wire = np.int16 if self.vocab_size <= 2**15 else np.int32
         return WindowData(
             torch.from_numpy(selected.astype(wire)), torch.from_numpy(label_array), torch.from_numpy(valid), num_bad, bad,
-            torch.from_numpy(ids),
+            torch.from_numpy(ids), fetched,
         )
+
+
+def stack_windows(windows: list[WindowData]) -> WindowData:
+    """Equal-sized windows as one (count, window, ...) item: one transfer from a worker, not one
+    per window (each shared tensor costs the main process about a millisecond to receive)."""
+    bad: dict[str, str] = {}
+    for window in windows:
+        bad.update({k: v for k, v in window.bad_shards.items() if k not in bad})
+    stacked = {name: torch.stack([getattr(w, name) for w in windows]) for name in ("codes", "labels", "valid", "ids")}
+    return WindowData(stacked["codes"], stacked["labels"], stacked["valid"], sum(w.num_bad for w in windows), bad,
+                      stacked["ids"], sum(w.bytes_read for w in windows))
+
+
+class StreamBlocks(IterableDataset):
+    """For canonical streams: item ``i`` is window index ``first_index + i // workers`` of the
+    rank's streams ``[w * s, (w + 1) * s)``, w = ``i % workers``, s = streams per worker, stacked.
+    DataLoader deals items to workers in turn, so each worker always reads the same contiguous
+    block of streams (neighbouring streams share shards, which the worker then holds), and the
+    items of one window index arrive in stream order."""
+
+    def __init__(self, plan: StreamPlan, reader: WindowReader, first_index: int, workers: int) -> None:
+        if plan.streams_per_rank % max(1, workers):
+            raise ValueError(f"{workers} workers cannot share {plan.streams_per_rank} streams")
+        self.plan, self.reader, self.first_index, self.workers = plan, reader, first_index, max(1, workers)
+
+    def __iter__(self) -> Iterator[WindowData]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0  # in-process: one block of every stream
+        per_worker = self.plan.streams_per_rank // self.workers
+        index = self.first_index
+        while True:
+            first = index * self.plan.streams_per_rank + worker * per_worker
+            yield stack_windows([self.reader.read(self.plan.window(n), following(self.plan, n))
+                                 for n in range(first, first + per_worker)])
+            index += 1
+
+
+def following(plan: TrainPlan | ValPlan | StreamPlan, number: int) -> Iterator[Window]:
+    """The windows after ``number`` of the same stream, up to one epoch's worth (training plans
+    are endless): what fills a window with no readable sample."""
+    # a stream's next windows are streams_per_rank apart in the rank's sequence
+    stride = getattr(plan, "streams_per_rank", 1)
+    limit = getattr(plan, "windows_per_epoch", getattr(plan, "windows_per_stream", 0))
+    for later in range(number + stride, number + stride * (limit + 1), stride):
+        window = plan.window(later)
+        if window is None:
+            return
+        yield window
 
 
 class WindowStream(IterableDataset):
@@ -230,16 +303,5 @@ class WindowStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         number = self.first + worker
         while (window := self.plan.window(number)) is not None:
-            yield self.reader.read(window, self._following(number))
+            yield self.reader.read(window, following(self.plan, number))
             number += workers
-
-    def _following(self, number: int) -> Iterator[Window]:
-        """The windows after ``number``, up to one epoch's worth (training plans are endless)."""
-        # a stream's next windows are streams_per_rank apart in the rank's sequence
-        stride = getattr(self.plan, "streams_per_rank", 1)
-        limit = getattr(self.plan, "windows_per_epoch", getattr(self.plan, "windows_per_stream", 0))
-        for later in range(number + stride, number + stride * (limit + 1), stride):
-            window = self.plan.window(later)
-            if window is None:
-                return
-            yield window
