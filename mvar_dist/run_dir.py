@@ -37,7 +37,7 @@ RESOLVED_CONFIG = "config.yaml"
 MLFLOW_RECORD = "mlflow_run.json"
 JOB_RECORD = "slurm_job.json"
 SLURM_JOBS = "slurm"
-_TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+_TAG_PATTERN = re.compile(r"^step_(\d{8,})$")  # :08d widens past 10^8 steps
 
 
 def tag_for(step: int) -> str:

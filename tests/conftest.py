@@ -55,3 +55,38 @@ def tiny_codes(tmp_path_factory: pytest.TempPathFactory) -> TinyCodes:
     shard_dataset(source, base / "out", tokenizer, name="tiny", split="train", shard_size=16, batch_size=64, progress=False)
     manifest = merge_manifest(base / "out", "train")
     return TinyCodes(base / "tokenizer.pth", Path(manifest), TINY_CLASSES * TINY_PER_CLASS)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when a test left a process of its own running (a server, a launcher, a rank):
+    it would hold ports and CPU, and a later test, or CI, would wait on it."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 30  # ranks and workers of the last test may still be exiting
+    while True:
+        left = [p for p in psutil.Process().children(recursive=True) if _alive(p)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if left:
+        lines = []
+        for process in left:
+            try:
+                lines.append(f"  pid {process.pid}: {' '.join(process.cmdline())[:200]}")
+                process.kill()
+            except psutil.Error:
+                pass
+        session.config.get_terminal_writer().line(
+            "\ntests left these processes running (now killed):\n" + "\n".join(lines), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

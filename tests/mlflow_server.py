@@ -29,7 +29,13 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
     def start(self, timeout: float = 300) -> "MlflowServer":
+        if self.running:  # a second server would be lost to stop(), and outlive the tests
+            raise RuntimeError(f"mlflow server on port {self.port} is already running")
         log = open(self.root / "server.log", "a")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
@@ -62,7 +68,8 @@ class MlflowServer:
         self._process = None
 
     def __enter__(self) -> "MlflowServer":
-        return self.start()
+        # `with server.start():` and `with server:` both mean one server, stopped on exit
+        return self if self.running else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

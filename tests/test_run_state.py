@@ -72,3 +72,14 @@ def test_no_module_but_run_state_reads_run_state_keys_by_string():
              if path.name != "run_state.py"
              for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+def test_step_tags_keep_working_beyond_eight_digits(tmp_path):
+    from mvar_dist.run_dir import RunDir, step_of, tag_for
+
+    assert tag_for(123_456_789) == "step_123456789" and step_of("step_123456789") == 123_456_789
+    assert step_of("step_00000004") == 4 and step_of("step_4") is None and step_of("step_0000000x") is None
+    run_dir = RunDir(tmp_path)
+    for step in (99_999_999, 100_000_000, 4):
+        (run_dir.checkpoints / tag_for(step)).mkdir(parents=True)
+    assert run_dir.tag_steps() == [4, 99_999_999, 100_000_000]

@@ -277,3 +277,19 @@ def test_resume_of_a_run_missing_from_the_store_starts_a_new_one(tmp_path, track
     assert tracker.run_id != "0123456789abcdef0123456789abcdef"
     assert run.data.tags["resumed_from_missing_run_id"] == "0123456789abcdef0123456789abcdef"
     assert run.data.params == flatten_config(CONFIG)
+
+
+def test_artifacts_of_a_sqlite_store_live_beside_it(tmp_path, monkeypatch):
+    """Not in ./mlruns of whatever directory the command ran in, shared by unrelated runs."""
+    store = tmp_path / "store"
+    store.mkdir()
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    tracker = _tracker(tmp_path, f"sqlite:///{store / 'mlflow.db'}")
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    tracker.log_artifact(note, "notes")
+    tracker.finish()
+    assert list(elsewhere.iterdir()) == []
+    assert [p.read_text() for p in (store / "mlartifacts").rglob("note.txt")] == ["hello"]

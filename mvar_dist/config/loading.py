@@ -13,6 +13,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from mvar_dist.config.yaml_input import load_yaml, shown
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the field to fix."""
@@ -26,7 +28,7 @@ def read_config_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[st
     text = path.read_text()
     # a syntax error is one line, file:line:column (1-based) and the problem, as compilers write it
     try:
-        raw = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        raw = tomllib.loads(text) if path.suffix == ".toml" else load_yaml(text)
     except tomllib.TOMLDecodeError as err:  # "<problem> (at line L, column C)" or "(at end of document)"
         problem, sep, where = str(err).rpartition(" (at line ")
         if sep:
@@ -58,22 +60,26 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> None:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like section.key=value")
+            raise ConfigError(f"override {shown(item)} must look like section.key=value")
         parts = key.strip().split(".")
         node = raw
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+                raise ConfigError(f"override {shown(item)}: {part!r} is a value, not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        try:
+            node[parts[-1]] = load_yaml(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"override {shown(item)}: cannot parse the value as YAML: {problem}") from None
 
 
 def build(cls: type, raw: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking names and types of every field."""
     label = where or "config"
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{label}: expected a mapping of fields, got {raw!r}")
+        raise ConfigError(f"{label}: expected a mapping of fields, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in raw if k not in names]
@@ -82,7 +88,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
         close = difflib.get_close_matches(str(key), names, n=1)
         hint = f"; did you mean {_dotted(where, close[0])!r}?" if close else ""
         raise ConfigError(
-            f"unknown key {_dotted(where, key)!r}{hint} (valid keys here: {', '.join(names)})"
+            f"unknown key {shown(_dotted(where, key))}{hint} (valid keys here: {', '.join(names)})"
         )
     kwargs = {k: _coerce(hints[k], v, _dotted(where, k)) for k, v in raw.items()}
     try:
@@ -111,17 +117,17 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where} must be one of {list(args)}, got {shown(value)}")
         return value
     if hint is Any:
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {shown(value)}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
@@ -130,18 +136,18 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {shown(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {shown(value)}")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {shown(value)}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{where} must have {len(args)} entries, got {list(value)}")
+                raise ConfigError(f"{where} must have {len(args)} entries, got {shown(list(value))}")
             items = [_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
         else:
             item = args[0] if args else Any
@@ -149,7 +155,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict or hint is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where} must be a mapping, got {shown(value)}")
         return dict(value)
     return value
 

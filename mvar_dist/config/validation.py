@@ -19,6 +19,7 @@ from mvar_dist.config.sections import LaunchConfig, OptimConfig, SampleConfig
 from mvar_dist.config.tokenizer_experiment import TokenizerExperiment
 from mvar_dist.data.config import DataConfig
 from mvar_dist.shards.manifest import load_manifest
+from mvar_dist.tokenizer.factory import check_options
 from mvar_dist.tokenizer.vqvae import TokenizerConfig
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(train, name)}")
     check_micro_batch("train", train.micro_batch_size, train.max_micro_batch_size)
     train.batch_split(world_size)
+    try:  # the options are handed to the tokenizer's constructor on every rank: check them here
+        check_options(config.tokenizer.kind, config.tokenizer.options)
+    except ValueError as error:
+        raise ConfigError(f"tokenizer.options: {error}") from None
     if train.schedule == "paper" and model.mode != "mvar":
         raise ConfigError(
             "train.schedule='paper' rotates scale groups, which only mode='mvar' allows; "

@@ -4,18 +4,39 @@ export recorded."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
 
 from mvar_dist.tokenizer.base import ResidualTokenizer
-from mvar_dist.tokenizer.patch import PatchResidualTokenizer
+from mvar_dist.tokenizer.patch import PatchResidualTokenizer, QuickstartTokenizerConfig
 from mvar_dist.tokenizer.saving import read_saved_config
-from mvar_dist.tokenizer.vqvae import MultiScaleVQVAE
+from mvar_dist.tokenizer.vqvae import MultiScaleVQVAE, TokenizerConfig
 
 Kind = Literal["vqvae", "patch"]
 KINDS: dict[str, type[ResidualTokenizer]] = {"vqvae": MultiScaleVQVAE, "patch": PatchResidualTokenizer}
+
+
+ARCHITECTURES: dict[str, type] = {"vqvae": TokenizerConfig, "patch": QuickstartTokenizerConfig}
+
+
+def check_options(kind: str, options: Mapping[str, Any]) -> None:
+    """ValueError naming the first option ``kind``'s architecture does not have, or its first bad
+    value: what building the tokenizer would find, without building it."""
+    architecture = ARCHITECTURES[kind]
+    names = [f.name for f in dataclasses.fields(architecture)]
+    for name in options:
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown option {str(name)[:60]!r} of the {kind} tokenizer{hint} (options: {', '.join(names)})")
+    try:
+        architecture(**options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(str(error)[:300]) from None
 
 
 def kind_of(identity: Mapping[str, Any] | None, default: str = "vqvae") -> str:

@@ -110,6 +110,16 @@ def run_exists(client: Any, run_id: str) -> bool:
             return False
         raise
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``mlartifacts/`` beside a sqlite store (MLflow's
+    default, ``./mlruns`` of whatever directory the command ran in, would mix unrelated runs and
+    lose them when run elsewhere); a server's own artifact store otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+    return (database.parent / "mlartifacts").resolve().as_uri()
+
+
 def experiment_id(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -121,7 +131,7 @@ def experiment_id(client: Any, name: str) -> str:
             )
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
     except MlflowException:  # another job created it between our two calls
         found = client.get_experiment_by_name(name)
         if found is None:

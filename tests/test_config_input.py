@@ -1,0 +1,88 @@
+"""Config files are input from users and from other people's repositories: a duplicated key, a
+YAML alias bomb, a huge value or a misspelled free-form option must each end in one short line
+naming the file, the line and the key, before any rank starts and within a few MB of memory."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from mvar_dist.config import ConfigError, load_config, validate_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny_cpu.yaml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_duplicate_section_is_refused_naming_both_lines(tmp_path):
+    text = TINY.read_text() + "train:\n  global_batch_size: 256\n"
+    first = 1 + TINY.read_text().splitlines().index("train:")
+    last = text.count("\n") - 1
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert str(err.value) == (f"{tmp_path / 'experiment.yaml'}:{last}:1: cannot parse YAML: key 'train' appears twice "
+                              f"in one mapping (lines {first} and {last}); keep one")
+
+
+def test_duplicate_nested_key_is_refused(tmp_path):
+    path = write(tmp_path, "train:\n  total_steps: 4\n  global_batch_size: 8\n  total_steps: 6\n")
+    with pytest.raises(ConfigError, match=r"experiment.yaml:4:3: .*key 'total_steps' appears twice .*lines 2 and 4"):
+        load_config(path)
+
+
+def test_duplicate_key_in_an_override_value_is_refused():
+    with pytest.raises(ConfigError, match=r"override 'tokenizer.options=.*': .*key 'ch' appears twice in one mapping \(line 1\)"):
+        load_config(TINY, ["tokenizer.options={ch: 32, ch: 64}"])
+
+
+def alias_bomb(levels: int = 30) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]"
+              for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+def test_alias_bomb_is_refused_in_little_memory(tmp_path):
+    bomb = "\n".join("    " + line for line in alias_bomb().splitlines())
+    path = write(tmp_path, TINY.read_text().replace("tokenizer:\n", f"tokenizer:\n  bomb:\n{bomb}\n", 1))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "YAML aliases are not accepted" in str(err.value) and len(str(err.value)) < 300
+    assert peak < 5 * 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+def test_an_alias_is_refused_naming_where(tmp_path):
+    path = write(tmp_path, "run:\n  dir: &here runs/x\ncheckpoint:\n  every_steps: 2\ndata:\n  train_manifest: *here\n")
+    with pytest.raises(ConfigError, match=r"experiment.yaml:6:19: cannot parse YAML: YAML aliases are not accepted \(\*here\)"):
+        load_config(path)
+
+
+def test_long_values_are_cut_in_messages(tmp_path):
+    path = write(tmp_path, TINY.read_text() + "debug:\n  nonsense: " + "x" * 100_000 + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "nonsense" in str(err.value) and len(str(err.value)) < 400
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["model.depth=" + "7" * 50_000 + "x"])
+    assert "model.depth" in str(err.value) and len(str(err.value)) < 400 and "characters" in str(err.value)
+
+
+def test_unknown_tokenizer_option_is_refused_before_any_rank_starts():
+    config = load_config(TINY, ["tokenizer.checkpoint=null", "tokenizer.options={ch: 32, chanels: 8}"])
+    with pytest.raises(ConfigError, match=r"tokenizer.options: unknown option 'chanels' of the vqvae tokenizer.*"):
+        validate_experiment(config, 2)
+    config = load_config(TINY, ["tokenizer.checkpoint=null", "tokenizer.options={ch: 0}"])
+    with pytest.raises(ConfigError, match=r"tokenizer.options: tokenizer config: ch must be >= 1, got 0"):
+        validate_experiment(config, 2)
