@@ -86,3 +86,34 @@ def test_unknown_tokenizer_option_is_refused_before_any_rank_starts():
     config = load_config(TINY, ["tokenizer.checkpoint=null", "tokenizer.options={ch: 0}"])
     with pytest.raises(ConfigError, match=r"tokenizer.options: tokenizer config: ch must be >= 1, got 0"):
         validate_experiment(config, 2)
+
+
+@pytest.mark.parametrize("template, message", [
+    ({"zero_optimisation": {"stage": 2}}, r"no 'zero_optimization' section \(did you mean it for 'zero_optimisation'\?\)"),
+    ({"zero_optimization": {"stage": 0}}, r"ZeRO stage 0"),
+    ({"zero_optimization": {"stage": "2"}}, r"ZeRO stage '2'"),
+])
+def test_own_deepspeed_json_at_stage_0_is_refused_before_launch(tmp_path, template, message):
+    import json
+
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(template))
+    config = load_config(TINY, ["tokenizer.checkpoint=null", f"deepspeed.template={path}"])
+    with pytest.raises(ConfigError, match=rf"deepspeed.template: {path} .*{message}.*stage 1, 2 or 3"):
+        validate_experiment(config, 2)
+
+
+def test_fields_the_experiment_sets_are_named_once(tmp_path, caplog):
+    import json
+    import logging
+
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 64, "gradient_clipping": 1.0,
+                                "optimizer": {"type": "Adam"}, "bf16": {"enabled": True}}))
+    config = load_config(TINY, ["tokenizer.checkpoint=null", f"deepspeed.template={path}"])
+    with caplog.at_level(logging.WARNING):
+        validate_experiment(config, 2)
+    warnings = [r.getMessage() for r in caplog.records if "deepspeed.template" in r.getMessage()]
+    assert warnings == [f"deepspeed.template {path}: the experiment sets these fields instead: bf16.enabled "
+                        f"(deepspeed.precision), gradient_clipping (optim.grad_clip), optimizer (optim), "
+                        f"train_batch_size (train.global_batch_size)"]
