@@ -117,3 +117,60 @@ def test_fields_the_experiment_sets_are_named_once(tmp_path, caplog):
     assert warnings == [f"deepspeed.template {path}: the experiment sets these fields instead: bf16.enabled "
                         f"(deepspeed.precision), gradient_clipping (optim.grad_clip), optimizer (optim), "
                         f"train_batch_size (train.global_batch_size)"]
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A tmpfs of 256 KiB (read-write or read-only), or a skip where this machine cannot mount."""
+    import subprocess
+
+    mounted = []
+
+    def make(options: str) -> Path:
+        target = tmp_path / f"mount{len(mounted)}"
+        target.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options},size=256k", "tmpfs", str(target)],
+                                capture_output=True, text=True, check=False)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(target)
+        return target
+
+    yield make
+    for target in mounted:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def tiny_for(run_dir: Path) -> object:
+    return load_config(TINY, ["tokenizer.checkpoint=null", f"run.dir={run_dir}"])
+
+
+def test_run_dir_that_is_a_file_is_refused_in_one_line(tmp_path, capsys):
+    from mvar_dist.cli import main as cli_main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for run_dir, message in ((afile, f"run.dir: {afile} is a file, not a directory"),
+                             (afile / "run", f"run.dir: {afile} is a file: {afile / 'run'} cannot be created under it")):
+        with pytest.raises(ConfigError, match=f"^{message}"):
+            validate_experiment(tiny_for(run_dir), 2)
+    (tmp_path / "run" ).mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")
+    with pytest.raises(ConfigError, match=r"run.dir: .*run/checkpoints is a file, not a directory"):
+        validate_experiment(tiny_for(tmp_path / "run"), 2)
+    code = cli_main(["train", "--config", str(TINY), "tokenizer.checkpoint=null", f"run.dir={afile}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is a file, not a directory" in err
+
+
+def test_read_only_run_dir_is_refused_before_any_rank_starts(small_mount):
+    read_only = small_mount("ro")
+    with pytest.raises(ConfigError, match=rf"run.dir: cannot write in {read_only} \(read-only file system or no permission\)"):
+        validate_experiment(tiny_for(read_only / "run"), 2)
+
+
+def test_too_little_space_for_one_checkpoint_is_refused(small_mount):
+    small = small_mount("rw")
+    # tiny_cpu's model: about 0.1 M parameters, 16 bytes each in a checkpoint: more than 256 KiB
+    with pytest.raises(ConfigError, match=r"run.dir: .* free on the file system of .*, one checkpoint needs about .*"):
+        validate_experiment(tiny_for(small / "run"), 2)

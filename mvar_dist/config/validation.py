@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import shutil
 import string
 from pathlib import Path
+from typing import Any
 
 from mvar_dist.config.batch_split import check_micro_batch
 from mvar_dist.config.deepspeed_templates import read_template
@@ -68,6 +71,49 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
     for name, value in (("train.init_from", train.init_from), ("tokenizer.checkpoint", config.tokenizer.checkpoint)):
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{name}: file {value} does not exist")
+    check_run_dir(config.run.dir, checkpoint_bytes(config.model), config.checkpoint.keep_last)
+
+
+# bytes a checkpoint keeps per parameter: fp32 master weights and both Adam moments in the ZeRO
+# optimizer files (12), and the module's weights in the model-states file (at most 4)
+CHECKPOINT_BYTES_PER_PARAMETER = 16
+
+
+def checkpoint_bytes(model_config: Any) -> int:
+    """About what one transformer checkpoint takes on disk (the model built on the meta device)."""
+    import torch
+
+    from mvar_dist.model import MVAR
+
+    with torch.device("meta"):
+        model = MVAR(model_config)
+    return CHECKPOINT_BYTES_PER_PARAMETER * sum(p.numel() for p in model.parameters())
+
+
+def check_run_dir(run_dir: str, one_checkpoint: int | None = None, keep: int = 1) -> None:
+    """The run directory is, or can become, a writable directory with room for a checkpoint: a
+    job must not compute for a whole checkpoint interval to find out at its first save."""
+    path = Path(run_dir)
+    for candidate in (path, path / "checkpoints"):
+        if candidate.exists() and not candidate.is_dir():
+            raise ConfigError(f"run.dir: {candidate} is a file, not a directory; choose another run.dir")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"run.dir: {existing} is a file: {path} cannot be created under it")
+    for directory in (existing, path / "checkpoints"):
+        if directory.is_dir() and not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(f"run.dir: cannot write in {directory} (read-only file system or no permission)")
+    if one_checkpoint:
+        free = shutil.disk_usage(existing).free
+        needed = f"one checkpoint needs about {one_checkpoint / 2**20:,.1f} MiB"
+        if free < one_checkpoint:
+            raise ConfigError(f"run.dir: {free / 2**20:,.1f} MiB free on the file system of {existing}, {needed}; "
+                              "free space or choose another run.dir")
+        if free < (keep + 1) * one_checkpoint:
+            logger.warning("run.dir: %.1f MiB free on the file system of %s, %s and checkpoint.keep_last=%d keeps %d: "
+                           "a later save may fail", free / 2**20, existing, needed, keep, keep + 1)
 
 
 def _validate_eval(config: ExperimentConfig) -> None:
@@ -218,6 +264,7 @@ def validate_launch(launch: LaunchConfig) -> None:
 def validate_tokenizer(config: TokenizerExperiment, world_size: int) -> None:
     """Everything a tokenizer run can get wrong before compute, naming the field and the value."""
     train, loss, optim = config.train, config.loss, config.optim
+    check_run_dir(config.run.dir)
     for name in ("total_steps", "global_batch_size", "log_every", "max_consecutive_nonfinite", "grid_images"):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(train, name)}")
