@@ -6,6 +6,7 @@ rank, gloo, CPU), so that the test process itself never initialises torch.distri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -297,3 +298,21 @@ def _write_runs(root: Path, names: list[str]) -> None:
 
 if __name__ == "__main__":
     _write_runs(Path(sys.argv[1]), sys.argv[2:])
+
+
+@pytest.mark.slow
+def test_damaged_or_swapped_weights_are_refused_naming_the_file(zero_runs, tmp_path):
+    """config.json records the weights' sha256: a file zeroed in part, or another run's weights of
+    the same shape, must not load silently under the wrong config."""
+    first, second = (export_run(zero_runs[f"zero{stage}"], tmp_path / f"export{stage}") for stage in STAGES[:2])
+    metadata = json.loads((first.parent / "config.json").read_text())
+    assert metadata["weights_sha256"] == hashlib.sha256(first.read_bytes()).hexdigest()
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+    first.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{first}: sha256 [0-9a-f]{{12}}\.\.\. differs from [0-9a-f]{{12}}\.\.\. recorded in"):
+        MVAR.from_pretrained(first.parent)
+    MVAR.from_pretrained(first.parent, verify=False)  # the caller's choice, for speed: loads (the zeros)
+    first.write_bytes(second.read_bytes())
+    with pytest.raises(ValueError, match="differs from"):
+        MVAR.from_pretrained(first.parent)

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 written; 2 a user error (a path, a flag, a tokenizer that does not match the model).",
     )
     parser.add_argument("--model", type=Path, required=True, help="directory written by 'mvar-dist export'")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking the weights against the sha256 config.json records (faster for large models)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer checkpoint (default: the one recorded in config.json)")
     parser.add_argument("--classes", help="class ids, e.g. 0,1,207 or 0-9 (default: every class of the model)")
     parser.add_argument("--per-class", type=int, help="images per class (default: 8 for a grid; with --npz, --num / the number of classes)")
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> str:
     labels, rows = _labels(args, int(metadata["model"]["num_classes"]))
     settings = resolve_settings(metadata.get("sample"), args.cfg, args.top_k, args.top_p)
     device = _device(args.device)
-    model, tokenizer, metadata = load_exported(args.model, args.tokenizer, device, args.allow_other_tokenizer_weights)
+    model, tokenizer, metadata = load_exported(args.model, args.tokenizer, device, args.allow_other_tokenizer_weights,
+                                             verify=not args.no_verify)
     logger.info("sampling %d images on %s with %s, seed %d", len(labels), device, settings.kwargs() or "generate's defaults", args.seed)
     batches = sample_batches(model, tokenizer, labels, args.batch_size, args.seed, settings, device, args.precision,
                              progress=not args.no_progress)

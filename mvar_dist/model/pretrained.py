@@ -5,6 +5,7 @@ the writer is :mod:`mvar_dist.training.export`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,33 @@ def read_export_metadata(directory: str | Path) -> dict[str, Any]:
     return metadata
 
 
-def read_export_weights(directory: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
-    """(model config dict, state dict, weights path) of an export directory."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_weights(weights: Path, expected: str | None, config_file: Path) -> None:
+    """ValueError unless ``weights`` has the sha256 ``config.json`` recorded (exports written before
+    checksums were recorded have none: nothing to check)."""
+    if expected is None:
+        return
+    actual = file_sha256(weights)
+    if actual != expected:
+        raise ValueError(
+            f"{weights}: sha256 {actual[:12]}... differs from {expected[:12]}... recorded in {config_file}: the file is "
+            "damaged or belongs to another export; export again (or pass verify=False / --no-verify to load it anyway)"
+        )
+
+
+def read_export_weights(directory: str | Path, device: str | torch.device = "cpu",
+                        verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """(model config dict, state dict, weights path) of an export directory; ``verify`` checks the
+    weights against the sha256 ``config.json`` records."""
     metadata = read_export_metadata(directory)
     weights = Path(directory) / metadata["weights"]
+    if verify:
+        verify_weights(weights, metadata.get("weights_sha256"), Path(directory) / CONFIG_FILE)
     return metadata["model"], load_state_dict_file(weights, device, what="exported weights"), weights

@@ -221,10 +221,12 @@ class MVAR(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+        cls, directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        verify: bool = True,
     ) -> "MVAR":
-        """A model in eval mode from an ``mvar-dist export`` directory (config.json + weights)."""
-        config, state, weights = read_export_weights(directory, device)
+        """A model in eval mode from an ``mvar-dist export`` directory (config.json + weights);
+        ``verify`` checks the weights' sha256 against config.json (False skips it, for speed)."""
+        config, state, weights = read_export_weights(directory, device, verify)
         with torch.device("meta"):  # no initialisation of weights that are overwritten next
             model = cls(MVARConfig.from_dict(config))
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

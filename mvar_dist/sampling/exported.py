@@ -68,7 +68,7 @@ def check_tokenizer_matches(metadata: dict[str, Any], tokenizer: Tokenizer, sour
 
 def load_exported(
     model_dir: str | Path, tokenizer_path: str | Path | None = None, device: torch.device = torch.device("cpu"),
-    allow_other_weights: bool = False,
+    allow_other_weights: bool = False, verify: bool = True,
 ) -> tuple[MVAR, Tokenizer, dict[str, Any]]:
     """(model in eval mode, its tokenizer, config.json) of an export; the tokenizer file defaults
     to the one config.json names, and must match the identity recorded there."""
@@ -82,4 +82,4 @@ def load_exported(
         raise FileNotFoundError(f"tokenizer checkpoint {tokenizer_path} does not exist")
     tokenizer = load_tokenizer(tokenizer_path, recorded, device)
     check_tokenizer_matches(metadata, tokenizer, str(tokenizer_path), allow_other_weights)
-    return MVAR.from_pretrained(model_dir, device=device), tokenizer, metadata
+    return MVAR.from_pretrained(model_dir, device=device, verify=verify), tokenizer, metadata

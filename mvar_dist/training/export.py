@@ -20,7 +20,7 @@ from mvar_dist import __version__
 from mvar_dist.atomic import write_json, write_via_temp
 from mvar_dist.config import ExperimentConfig, config_from_dict
 from mvar_dist.model.config import MVARConfig
-from mvar_dist.model.pretrained import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE
+from mvar_dist.model.pretrained import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE, file_sha256
 from mvar_dist.model.released import official_state_dict
 from mvar_dist.model.transformer import MVAR
 from mvar_dist.run_dir import RunDir
@@ -149,6 +149,7 @@ def export_run(
         weights = out_dir / f"{model_config.mode}_d{model_config.depth}.pth"
         write_via_temp(weights, lambda tmp: torch.save(official, tmp))
     metadata["weights"] = weights.name
+    metadata["weights_sha256"] = file_sha256(weights)  # checked by from_pretrained and sample
     # config.json last: its presence marks a complete export
     write_json(out_dir / CONFIG_FILE, metadata, indent=2)
     logger.info("exported %s (%s, %s) to %s", run.tag_dir(tag), fmt, dtype, weights)
