@@ -5,6 +5,8 @@ trainer for a kind they do not run."""
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from mvar_dist.config import TOKENIZER, Experiment, ExperimentKind, kind_named_by, kind_of
@@ -28,19 +30,67 @@ def run_kind(run_dir: Path, tag: str = "latest") -> ExperimentKind:
     return kind_named_by(run.read_resume_point(run.resolve_tag(tag)).run_state.config)
 
 
+EXPORT_FILE_SUFFIXES = (".safetensors", ".pth")
+
+
+def check_export_target(out: Path, run_dir: Path, force: bool = False) -> list[Path]:
+    """Refuse an ``out`` that holds another run's export or files that are no export's (unless
+    ``force``); remove temp files an interrupted export left. Returns the earlier export's files,
+    which :func:`export_run` removes once the new export is complete where it did not overwrite
+    them: the files of two exports never sit side by side, and a failed export loses nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+    if not out.is_dir():
+        return []
+    for leftover in out.glob(".*.tmp"):  # temporary_sibling's names: a killed export's partial file
+        leftover.unlink()
+    config = out / "config.json"
+    exported = [p for p in out.iterdir() if p == config or (p.is_file() and p.suffix in EXPORT_FILE_SUFFIXES)]
+    others = sorted(p.name for p in out.iterdir() if p not in exported)
+    recorded = None
+    if config.is_file():
+        try:
+            recorded = json.loads(config.read_text())["training"]["run_dir"]
+        except (ValueError, KeyError, TypeError):
+            recorded = "?"
+    if not force:
+        if recorded is not None and recorded != str(Path(run_dir).resolve()):
+            raise ValueError(f"--out {out} holds an export of {recorded}; choose a new or empty directory, "
+                             "or pass --force to replace it")
+        if others:
+            listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ValueError(f"--out {out} holds {len(others)} other file{'s' if len(others) > 1 else ''} ({listed}); "
+                             "choose a new or empty directory, or pass --force to write the export beside them")
+    return exported
+
+
+def _remove_stale(out: Path, earlier: list[Path]) -> None:
+    metadata = json.loads((Path(out) / "config.json").read_text())
+    current = {"config.json", *([metadata["weights"]] if "weights" in metadata else metadata.get("files", {}).values())}
+    for path in earlier:
+        if path.name not in current:
+            path.unlink(missing_ok=True)
+
+
 def export_run(run_dir: Path, out: Path, tag: str = "latest", dtype: str = "fp32", fmt: str = "safetensors",
-               log_to_mlflow: bool = False) -> list[str]:
+               log_to_mlflow: bool = False, force: bool = False) -> list[str]:
     """Export checkpoint ``tag`` of a run of any kind into ``out``; returns what to tell the user.
-    A tokenizer run writes both of its layouts (``dtype`` and ``fmt`` are the transformer's)."""
-    if run_kind(run_dir, tag) is TOKENIZER:
+    A tokenizer run writes both of its layouts (``dtype`` and ``fmt`` are the transformer's).
+    ``out`` is checked first (:func:`check_export_target`)."""
+    kind = run_kind(run_dir, tag)  # a tag that does not exist fails before anything in out is touched
+    earlier = check_export_target(out, run_dir, force)
+    if kind is TOKENIZER:
         from mvar_dist.tokenizer_training.export import export_tokenizer_run
 
         paths = export_tokenizer_run(run_dir, out, tag)
+        _remove_stale(out, earlier)
         return [f"exported the tokenizer to {paths['safetensors']} and {paths['released']} (released layout)"]
     from mvar_dist.model.pretrained import read_export_metadata
     from mvar_dist.training import export
 
     weights = export.export_run(run_dir, out, tag, dtype, fmt)
+    _remove_stale(out, earlier)
     summary = read_export_metadata(out)["training"]
     lines = [f"exported step {summary['steps']} ({summary['checkpoint_tag']}) to {weights}"]
     if log_to_mlflow:

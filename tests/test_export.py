@@ -316,3 +316,32 @@ def test_damaged_or_swapped_weights_are_refused_naming_the_file(zero_runs, tmp_p
     first.write_bytes(second.read_bytes())
     with pytest.raises(ValueError, match="differs from"):
         MVAR.from_pretrained(first.parent)
+
+
+@pytest.mark.slow
+def test_export_out_never_mixes_two_exports(zero_runs, tmp_path, capsys):
+    first, second = (str(zero_runs[f"zero{stage}"]) for stage in STAGES[:2])
+    out = tmp_path / "out"
+    assert cli_main(["export", first, "--out", str(out)]) == 0
+    (out / ".model.safetensors.x1y2.tmp").write_bytes(b"\0" * 1000)  # what a killed export leaves
+    assert cli_main(["export", first, "--out", str(out), "--format", "official"]) == 0  # the same run again
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "mvar_d2.pth"]  # no safetensors, no temp file
+    capsys.readouterr()
+    assert cli_main(["export", second, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"mvar-dist export: --out {out} holds an export of {Path(first).resolve()}; choose a new or empty "
+                   f"directory, or pass --force to replace it\n")
+    assert cli_main(["export", second, "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["training"]["run_dir"] == str(Path(second).resolve())
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli_main(["export", first, "--out", str(notes)]) == 2
+    assert "holds 1 other file (todo.txt)" in capsys.readouterr().err
+    assert cli_main(["export", first, "--out", str(notes / "todo.txt")]) == 2
+    assert capsys.readouterr().err == f"mvar-dist export: --out {notes / 'todo.txt'} is a file, not a directory\n"
+    assert cli_main(["export", first, "--out", str(notes), "--force"]) == 0
+    assert (notes / "todo.txt").read_text() == "mine"  # --force replaces an export's files, nothing else

@@ -31,11 +31,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--format", dest="fmt", choices=("safetensors", "official"), default="safetensors",
                         help="safetensors: model.safetensors + config.json; official: the released .pth layout")
     parser.add_argument("--log-to-mlflow", action="store_true", help="also attach the export to the run's MLflow run")
+    parser.add_argument("--force", action="store_true",
+                        help="write into --out even when it holds another run's export (replaced) or other files (kept)")
     args = parser.parse_args(list(argv))
     run = RunDir(args.run_dir)
     if not (run.config_file.is_file() or run.checkpoints.is_dir()):
         why = "no such directory" if not run.path.exists() else f"no {run.config_file.name} or {run.checkpoints.name}/ in it"
         raise FileNotFoundError(f"{run.path} is not a run directory ({why})")
-    for line in export_run(args.run_dir, args.out, args.tag, args.dtype, args.fmt, args.log_to_mlflow):
+    for line in export_run(args.run_dir, args.out, args.tag, args.dtype, args.fmt, args.log_to_mlflow, args.force):
         print(line)
     return 0
