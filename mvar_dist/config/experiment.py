@@ -65,6 +65,7 @@ class ExperimentConfig:
 RESUMABLE_CHANGES: tuple[str, ...] = (
     # the lr is computed from the step count and the schedule's keys before every step
     "run.dir", "train.total_steps", "optim.warmup_steps", "train.log_every", "train.max_consecutive_nonfinite", "train.init_from",
+    "train.hang_timeout_s",
     "train.val_every_steps", "train.val_max_batches",
     # how the same math is computed: activations recomputed or not, blocks compiled or not
     "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile",

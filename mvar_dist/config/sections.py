@@ -38,6 +38,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     init_from: str | None = None  # weights to start from (e.g. var_d16.pth for fine-tuning)
     max_consecutive_nonfinite: int = 10  # save and stop after this many non-finite steps in a row
+    # a rank that makes no progress (a step, an evaluation, a save) for this long ends the job
+    # (exit status 3; docs/training.md, "A hung rank"); 0: never
+    hang_timeout_s: float = 1800.0
     log_every: int = 1  # metrics to the tracker every N steps
     val_every_steps: int = 0  # validation pass (data.val_manifest) every N steps and at the end; 0: off
     val_max_batches: int = 0  # per-rank batches of each validation pass; 0: the whole split
@@ -120,6 +123,9 @@ class DebugConfig:
     kill_after_checkpoint_step: int | None = None  # SIGKILL every rank right after this checkpoint
     nonfinite_loss_steps: tuple[int, ...] = ()  # steps whose loss is replaced by NaN on rank 0
     stop_at_step: int | None = None  # rank 0 acts as if a stop signal arrived during this step
+    hang_at_step: int | None = None  # rank hang_rank hangs at the start of this step ...
+    hang_rank: int = 1
+    hang_how: Literal["stop", "read"] = "stop"  # ... stopped by SIGSTOP, or blocked in a read that never returns
 
 
 @dataclass

@@ -83,6 +83,7 @@ class TokenizerTrainSection:
     max_micro_batch_size: int | None = None
     log_every: int = 1
     max_consecutive_nonfinite: int = 10
+    hang_timeout_s: float = 1800.0  # as the transformer's train.hang_timeout_s
     val_every_steps: int = 0  # reconstruction L1/PSNR on data.val and a grid, every N steps and at the end
     val_max_batches: int = 0  # per-rank validation batches; 0: the whole split
     grid_images: int = 8  # originals in the validation grid (one row each: original, then each scale count)
@@ -124,7 +125,7 @@ class TokenizerExperiment:
 
 # what a resumed tokenizer run may change; everything else defines the run
 TOKENIZER_RESUMABLE_CHANGES: tuple[str, ...] = (
-    "run.dir", "train.total_steps", "optim.warmup_steps", "train.micro_batch_size", "train.max_micro_batch_size", "train.log_every", "train.max_consecutive_nonfinite",
+    "run.dir", "train.total_steps", "optim.warmup_steps", "train.micro_batch_size", "train.max_micro_batch_size", "train.log_every", "train.max_consecutive_nonfinite", "train.hang_timeout_s",
     "train.val_every_steps",
     "train.val_max_batches", "train.grid_images", "tokenizer.init_from", "checkpoint", "tracking", "debug", "launch",
     "data.num_workers", "data.train", "data.val", "data.bad_data", "data.max_bad_fraction", "loss.vgg_weights",

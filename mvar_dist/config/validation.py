@@ -44,6 +44,7 @@ def validate(config: ExperimentConfig, world_size: int) -> None:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(train, name)}")
     check_micro_batch("train", train.micro_batch_size, train.max_micro_batch_size)
     train.batch_split(world_size)
+    finite_at_least("train.hang_timeout_s", train.hang_timeout_s, 0.0, strict=False)
     try:  # the options are handed to the tokenizer's constructor on every rank: check them here
         check_options(config.tokenizer.kind, config.tokenizer.options)
     except ValueError as error:
@@ -265,6 +266,7 @@ def validate_tokenizer(config: TokenizerExperiment, world_size: int) -> None:
     """Everything a tokenizer run can get wrong before compute, naming the field and the value."""
     train, loss, optim = config.train, config.loss, config.optim
     check_run_dir(config.run.dir)
+    finite_at_least("train.hang_timeout_s", train.hang_timeout_s, 0.0, strict=False)
     for name in ("total_steps", "global_batch_size", "log_every", "max_consecutive_nonfinite", "grid_images"):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {getattr(train, name)}")

@@ -15,6 +15,9 @@ from mvar_dist.runtime.distributed import RankEnv, free_port
 logger = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+# after a rank failed, the others get SIGTERM and this long to exit before SIGKILL: a stopped
+# (SIGSTOP) or hung rank never handles SIGTERM
+KILL_AFTER_S = 10.0
 
 
 def launch(nproc: int, command: Sequence[str], env: dict[str, str] | None = None) -> int:
@@ -52,7 +55,7 @@ def _exit_code(returncode: int) -> int:
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> int:
-    failed = 0
+    failed, kill_at = 0, None
     while any(proc.poll() is None for proc in procs):
         for rank, proc in enumerate(procs):
             code = proc.poll()
@@ -62,6 +65,13 @@ def _wait_all(procs: list[subprocess.Popen]) -> int:
                 for other in procs:
                     if other.poll() is None:
                         other.terminate()
+                kill_at = time.monotonic() + KILL_AFTER_S
+        if kill_at is not None and time.monotonic() > kill_at:
+            for rank, proc in enumerate(procs):
+                if proc.poll() is None:
+                    logger.error("rank %d did not exit %.0f s after SIGTERM (stopped or hung): SIGKILL", rank, KILL_AFTER_S)
+                    proc.kill()
+            kill_at = None
         time.sleep(0.2)
     if not failed:
         failed = next((_exit_code(p.returncode) for p in procs if p.returncode), 0)

@@ -36,6 +36,7 @@ from mvar_dist.runtime.rng import rng_states, seed_all, set_rng_states
 from mvar_dist.runtime.run_lock import RunLock
 from mvar_dist.runtime.stop import StopFlag
 from mvar_dist.runtime.task import Loader, RankContext, TrainingTask
+from mvar_dist.runtime.watchdog import HangWatchdog
 from mvar_dist.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -93,9 +94,12 @@ def run_training(task: TrainingTask) -> int:
         else:
             seed_all(config.run.seed * 1000 + rank + 1)  # label drop differs per rank
         status = "FAILED"
+        loop.watchdog = HangWatchdog(rank, config.train.hang_timeout_s, lock.release if lock is not None else lambda: None)
+        loop.watchdog.start().beat(step)
         try:
             status = loop.run(step)
         finally:
+            loop.watchdog.stop()
             tracker.finish(status)
         return 0 if status in ("FINISHED", "KILLED") else 1
     finally:
@@ -116,6 +120,7 @@ class StepLoop:
         self.consecutive_nonfinite = 0
         self.evaluation_pending = False  # the evaluation of the checkpoint's step was postponed by a stop
         self.world_sizes: tuple[tuple[int, int], ...] = ((0, context.world_size),)
+        self.watchdog = HangWatchdog(context.rank, 0)  # off until run_training starts the real one
 
     def restore(self, saved: RunState) -> None:
         self.world_sizes = saved.with_world_size(saved.step, self.context.world_size)
@@ -135,6 +140,8 @@ class StepLoop:
             step += 1
             if self.config.debug.stop_at_step == step and self.context.rank == 0:
                 self.stop.request("debug.stop_at_step")
+            if self.config.debug.hang_at_step == step and self.context.rank == self.config.debug.hang_rank:
+                hang(self.config.debug.hang_how, self.run_dir)
             outcome = self.task.train_step(step, batches)
             stopping = any_rank(self.stop.requested)
             if outcome.applied:
@@ -146,6 +153,7 @@ class StepLoop:
                 self.tracker.log_metrics(outcome.metrics, step)
             if self.lock is not None:
                 self.lock.heartbeat()
+            self.watchdog.beat(step)
             too_many = self.consecutive_nonfinite >= train.max_consecutive_nonfinite
             if stopping:
                 # inside the signal window the checkpoint comes first; the evaluation due now runs
@@ -155,8 +163,10 @@ class StepLoop:
                     self.tracker.hold_from(step)
             else:
                 self.task.evaluate(step, self.tracker)  # before the checkpoint, whose flush then covers it
+                self.watchdog.beat(step)
             if step % self.config.checkpoint.every_steps == 0 or step == total or stopping or too_many:
                 self.save(step)
+                self.watchdog.beat(step)
             if too_many:
                 logger.error(
                     "stopping: %d consecutive steps had a non-finite loss (train.max_consecutive_nonfinite); "
@@ -185,3 +195,15 @@ class StepLoop:
             # testing hook (debug.kill_after_checkpoint_step): die like a preempted node would
             logger.warning("debug.kill_after_checkpoint_step=%d: SIGKILL", step)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hang(how: str, run_dir: RunDir) -> None:
+    """Testing hook (``debug.hang_at_step``): this rank hangs as a real one would."""
+    logger.warning("debug.hang_at_step: rank hangs (%s)", how)
+    if how == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    else:  # a read that never returns: a FIFO nobody writes to
+        fifo = run_dir.path / f".debug-hang-{os.getpid()}"
+        os.mkfifo(fifo)
+        with open(fifo, "rb") as never:
+            never.read()
