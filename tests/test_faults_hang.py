@@ -49,3 +49,31 @@ def test_a_stop_signal_to_a_job_with_a_hung_rank_ends_it(tiny_codes, tmp_path):
     assert launcher.returncode == 3, err[-3000:]
     assert "made no progress for" in err
     assert latest_step(run_dir) == 2 and not (run_dir / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_is_one_line_and_the_rerun_resumes(tiny_codes, tmp_path):
+    """The run directory's file system fills up at the second checkpoint (a 4 MiB tmpfs: the
+    pre-flight check sees room for one): one line naming the tag directory and the cause, the
+    previous checkpoint stays latest, and with room again the same command resumes."""
+    target = tmp_path / "small"
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(target)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        run_dir = target / "run"
+        common = ["train.total_steps=6", "checkpoint.every_steps=2", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+        result = run_train(tiny_codes, run_dir, *common)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = [line for line in result.stderr.splitlines() if line.startswith("mvar-dist train:")]
+        assert lines and lines[0].startswith(f"mvar-dist train: checkpoint step_00000004: cannot write {run_dir / 'checkpoints'}")
+        assert "No space left on device" in lines[0] and "step_00000002 stays the latest" in lines[0]
+        assert "Traceback" not in result.stderr
+        assert latest_step(run_dir) == 2
+        subprocess.run(["mount", "-o", "remount,size=16m", str(target)], check=True)
+        ok(run_train(tiny_codes, run_dir, *common))
+        assert latest_step(run_dir) == 6
+    finally:
+        subprocess.run(["umount", str(target)], check=False)

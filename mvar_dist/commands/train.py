@@ -21,6 +21,7 @@ from mvar_dist.config import (
     load_experiment,
     validate_experiment,
 )
+from mvar_dist.runtime.checkpoint import CheckpointWriteError
 
 TRAINING_EPILOG = """exit status: 0 done; 1 the run failed; 2 a user error in the input (the config, a flag,
 a run directory of another experiment); 128+N a rank killed by signal N."""
@@ -86,6 +87,6 @@ def launch_or_train(command: str, parser: argparse.ArgumentParser, argv: Sequenc
         raise
 
 
-@reports("train", ConfigError)
+@reports("train", ConfigError, CheckpointWriteError)
 def main(argv: Sequence[str]) -> int:
     return launch_or_train("train", build_parser(), argv, TRANSFORMER)

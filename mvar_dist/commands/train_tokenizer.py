@@ -11,6 +11,7 @@ from typing import Sequence
 from mvar_dist.commands.reporting import reports
 from mvar_dist.commands.train import launch_or_train, training_parser
 from mvar_dist.config import TOKENIZER, ConfigError
+from mvar_dist.runtime.checkpoint import CheckpointWriteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
-@reports("train-tokenizer", ConfigError)
+@reports("train-tokenizer", ConfigError, CheckpointWriteError)
 def main(argv: Sequence[str]) -> int:
     return launch_or_train("train-tokenizer", build_parser(), argv, TOKENIZER)

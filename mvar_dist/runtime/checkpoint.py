@@ -6,8 +6,10 @@ past damaged ones). The layout is :class:`mvar_dist.run_dir.RunDir`'s, the run-s
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -45,11 +47,47 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only or forbidden directory): one
+    line for the user; the previous checkpoint stays ``latest``."""
+
+
+def _write_failure(run_dir: RunDir, tag: str, error: BaseException) -> CheckpointWriteError | None:
+    """What went wrong, in words, when the storage is the cause (None otherwise): DeepSpeed's
+    writer reports a full disk as ``basic_ios::clear: iostream error`` or ``unexpected pos``,
+    with no path and no errno."""
+    directory = run_dir.checkpoints
+    free = shutil.disk_usage(directory).free if directory.is_dir() else 0
+    errno_ = getattr(error, "errno", None)
+    if errno_ == errno.ENOSPC or free < 2**20:
+        cause = f"No space left on device ({free / 2**20:.1f} MiB free)"
+    elif errno_ in (errno.EACCES, errno.EPERM, errno.EROFS) or not os.access(directory, os.W_OK):
+        cause = "permission denied or read-only file system"
+    else:  # not the storage (a peer that died mid-save, a bug): the original error says more
+        return None
+    latest = run_dir.latest_tag()
+    kept = f"{latest} stays the latest checkpoint" if latest else "no earlier checkpoint exists"
+    return CheckpointWriteError(f"checkpoint {tag}: cannot write {directory}: {cause}; {kept}. "
+                                "Make room (or fix the directory) and run the same command to resume")
+
+
 def save_checkpoint(engines: Engines, run_dir: RunDir, run_state: RunState, rank_state: RankState,
                     keep_last: int) -> Path:
     """Collective: every rank writes its part and makes it durable; ``latest`` moves only once
     all files of the tag and the tag directory are on disk (a node crash may lose the newest
-    tag, never leave ``latest`` naming a tag that is incomplete)."""
+    tag, never leave ``latest`` naming a tag that is incomplete). A write that fails raises
+    :class:`CheckpointWriteError` saying why."""
+    tag = tag_for(run_state.step)
+    try:
+        return _save(engines, run_dir, run_state, rank_state, keep_last)
+    except (OSError, RuntimeError) as error:
+        failure = _write_failure(run_dir, tag, error)
+        if failure is None:
+            raise
+        raise failure from error
+
+
+def _save(engines: Engines, run_dir: RunDir, run_state: RunState, rank_state: RankState, keep_last: int) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(run_state.step)
     tag_dir = run_dir.tag_dir(tag)
