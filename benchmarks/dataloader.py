@@ -32,10 +32,11 @@ from PIL import Image
 from mvar_dist.data import DataConfig, TrainLoader, window_reader
 from mvar_dist.data_prep import sources
 from mvar_dist.data_prep.merge import merge_manifest
-from mvar_dist.data_prep.shard import file_sha256, shard_dataset
+from mvar_dist.data_prep.shard import shard_dataset
 from mvar_dist.shards.format import CLS_FIELD, CODES_FIELD, META_FIELD, ShardWriter
 from mvar_dist.shards.manifest import load_manifest
 from mvar_dist.shards.tar_reader import iter_samples
+from mvar_dist.state_files import file_sha256
 from mvar_dist.tokenizer import MultiScaleVQVAE
 
 

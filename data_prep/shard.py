@@ -41,6 +41,7 @@ from mvar_dist.data_prep import preprocess
 from mvar_dist.data_prep.sources import ImageRecord, ImageSource
 from mvar_dist.shards.format import CODES_DTYPE, ShardWriter, encode_meta
 from mvar_dist.shards.manifest import PLAIN_NAME_RULE, is_plain_name
+from mvar_dist.state_files import file_sha256
 from mvar_dist.tokenizer.base import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -202,14 +203,6 @@ def _write_shard(
 
     write_via_temp(path, write)
     return count, skipped
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shard_dataset(

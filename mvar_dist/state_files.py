@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Mapping
 
@@ -47,3 +48,12 @@ def check_state_dict_matches(
         )
     if problems:
         raise ValueError(f"{source} does not fit {target}: " + "; ".join(problems) + (f". {hint}" if hint else ""))
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (weights and shards are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

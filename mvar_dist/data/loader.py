@@ -87,15 +87,17 @@ class _Loader:
         self._warned: set[str] = set()
 
     def _windows(self, plan: TrainPlan | ValPlan, first: int) -> Iterator[WindowData]:
-        workers = self.config.num_workers
-        stream = WindowStream(plan, window_reader(self.manifest, self.config, self.rank), first)
+        return self._items(WindowStream(plan, window_reader(self.manifest, self.config, self.rank), first),
+                           self.config.num_workers)
+
+    def _items(self, dataset: WindowStream | StreamBlocks, workers: int) -> Iterator[WindowData]:
         extra = dict(prefetch_factor=self.config.prefetch_windows) if workers else {}
-        return iter(DataLoader(stream, batch_size=None, num_workers=workers, **extra))
+        return iter(DataLoader(dataset, batch_size=None, num_workers=workers, **extra))
 
     def _stream_blocks(self, plan: StreamPlan, first_index: int) -> tuple[Iterator[WindowData], int]:
-        """(items, items per window index): stacked windows of blocks of this rank's streams, each block always from one worker.
-        Workers take items in turn, so their count must divide the rank's streams: a worker
-        count that does not is lowered to their greatest common divisor."""
+        """(items, items per window index): the stacked windows of blocks of this rank's streams,
+        each block always from one worker. Workers take items in turn, so their count must divide
+        the rank's streams: a worker count that does not is lowered to their greatest common divisor."""
         workers = self.config.num_workers
         if workers and plan.streams_per_rank % workers:
             fewer = math.gcd(workers, plan.streams_per_rank)
@@ -105,9 +107,7 @@ class _Loader:
         # each worker holds the current shard of each of its streams and the one a window straddles into
         held = plan.streams_per_rank // max(1, workers) + 1
         blocks = StreamBlocks(plan, window_reader(self.manifest, self.config, self.rank, held), first_index, workers)
-        extra = dict(prefetch_factor=self.config.prefetch_windows) if workers else {}
-        items = iter(DataLoader(blocks, batch_size=None, num_workers=workers, **extra))
-        return items, max(1, workers)
+        return self._items(blocks, workers), max(1, workers)
 
     def _account(self, window: WindowData) -> None:
         self.num_read += window.labels.numel()  # a window, or a block of stacked windows

@@ -191,8 +191,8 @@ class WindowReader:
         parts = [self._read_chunk(chunk, bad) for chunk in window.chunks]
         if not parts:
             return np.zeros((0, NUM_VIEWS, self.num_tokens), CODES_DTYPE), np.zeros(0, np.int64), np.zeros(0, bool), 0
-        stacked, labels, valid = (np.concatenate(p) for p in list(zip(*parts))[:3])
-        return stacked, labels, valid, sum(part[3] for part in parts)
+        codes, labels, valid, fetched = zip(*parts)
+        return np.concatenate(codes), np.concatenate(labels), np.concatenate(valid), sum(fetched)
 
     def _fill_from(self, window: Window, following: Iterable[Window], bad: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Codes and labels of the good samples of the first of ``following`` that has any: what a

@@ -5,14 +5,13 @@ the writer is :mod:`mvar_dist.training.export`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mvar_dist.state_files import load_state_dict_file
+from mvar_dist.state_files import file_sha256, load_state_dict_file
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -28,14 +27,6 @@ def read_export_metadata(directory: str | Path) -> dict[str, Any]:
     if metadata.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{config_file}: format {metadata.get('format')!r} is not {EXPORT_FORMAT!r}")
     return metadata
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_weights(weights: Path, expected: str | None, config_file: Path) -> None:

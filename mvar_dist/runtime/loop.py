@@ -94,7 +94,6 @@ def run_training(task: TrainingTask) -> int:
         else:
             seed_all(config.run.seed * 1000 + rank + 1)  # label drop differs per rank
         status = "FAILED"
-        loop.watchdog = HangWatchdog(rank, config.train.hang_timeout_s, lock.release if lock is not None else lambda: None)
         loop.watchdog.start().beat(step)
         try:
             status = loop.run(step)
@@ -120,7 +119,9 @@ class StepLoop:
         self.consecutive_nonfinite = 0
         self.evaluation_pending = False  # the evaluation of the checkpoint's step was postponed by a stop
         self.world_sizes: tuple[tuple[int, int], ...] = ((0, context.world_size),)
-        self.watchdog = HangWatchdog(context.rank, 0)  # off until run_training starts the real one
+        # started by run_training once the run is set up; a hung rank releases the lock it holds
+        self.watchdog = HangWatchdog(context.rank, self.config.train.hang_timeout_s,
+                                     lock.release if lock is not None else lambda: None)
 
     def restore(self, saved: RunState) -> None:
         self.world_sizes = saved.with_world_size(saved.step, self.context.world_size)

@@ -20,11 +20,12 @@ from mvar_dist import __version__
 from mvar_dist.atomic import write_json, write_via_temp
 from mvar_dist.config import ExperimentConfig, config_from_dict
 from mvar_dist.model.config import MVARConfig
-from mvar_dist.model.pretrained import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE, file_sha256
+from mvar_dist.model.pretrained import CONFIG_FILE, EXPORT_FORMAT, SAFETENSORS_FILE
 from mvar_dist.model.released import official_state_dict
 from mvar_dist.model.transformer import MVAR
 from mvar_dist.run_dir import RunDir
 from mvar_dist.runtime.zero_checkpoint import consolidate
+from mvar_dist.state_files import file_sha256
 from mvar_dist.tokenizer import load_tokenizer
 from mvar_dist.tracking.run_record import read_run_record
 
