@@ -97,7 +97,10 @@ def prep_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-merge", action="store_true", help="do not merge at the end even when --num-tasks is 1")
     parser.add_argument("--val-labels", help="label file for a flat folder ('<image> <synset>' lines or one synset per line)")
     parser.add_argument("--classes-from", help="class folder or manifest whose class list to use (give val the train classes)")
-    parser.add_argument("--tokenizer", help="tokenizer checkpoint (.pth or .safetensors)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer checkpoint (.pth or .safetensors), or a tokenizer export directory (its tokenizer.safetensors)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking a tokenizer export's file against the sha256 its config.json records (faster)")
     # architecture flags default to the released tokenizer, or to what a .safetensors file records
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="codebook size (default: what a .safetensors tokenizer records, else 4096)")
@@ -154,7 +157,8 @@ def _tokenize_and_merge(args: argparse.Namespace, stop: StopRequest) -> dict[str
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     flags = dict(vocab_size=args.vocab_size, z_channels=args.z_channels, ch=args.ch, patch_nums=args.patch_nums)
     options = {k: v for k, v in flags.items() if v is not None}
-    tokenizer = load_tokenizer(args.tokenizer, "vqvae", {**options, **args.tokenizer_options}, device)
+    tokenizer = load_tokenizer(args.tokenizer, "vqvae", {**options, **args.tokenizer_options}, device,
+                               verify=not args.no_verify)
     logger.info("%d images in %d classes from %s; tokenizing on %s", len(source.records), len(source.classes), source.root, device)
     summary = shard_dataset(
         source, args.out, tokenizer, name=args.name, split=args.split, shard_size=args.shard_size,

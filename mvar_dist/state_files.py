@@ -57,3 +57,19 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class ChecksumMismatch(ValueError):
+    """A file's bytes are not those whose sha256 was recorded when it was written."""
+
+
+def verify_file_sha256(path: str | Path, expected: str, record: str | Path) -> None:
+    """:class:`ChecksumMismatch` naming ``path`` unless its sha256 is ``expected``, the value
+    ``record`` (an export's config.json) holds for it. Model and tokenizer exports share it, so
+    that a damaged or swapped file reads the same whichever export it belongs to."""
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ChecksumMismatch(
+            f"{path}: sha256 {actual[:12]}... differs from {expected[:12]}... recorded in {record}: the file is "
+            "damaged or belongs to another export; export again (or pass verify=False / --no-verify to load it anyway)"
+        )

@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", type=Path, required=True, help="directory written by 'mvar-dist export'")
     parser.add_argument("--no-verify", action="store_true",
-                        help="skip checking the weights against the sha256 config.json records (faster for large models)")
+                        help="skip checking the weights, and a tokenizer export's file, against the sha256 their "
+                             "config.json records (faster for large models)")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer checkpoint (default: the one recorded in config.json)")
     parser.add_argument("--classes", help="class ids, e.g. 0,1,207 or 0-9 (default: every class of the model)")
     parser.add_argument("--per-class", type=int, help="images per class (default: 8 for a grid; with --npz, --num / the number of classes)")

@@ -23,6 +23,12 @@ def format_status(status: dict[str, Any]) -> str:
         if job.get("elapsed"):
             name += f", elapsed {job['elapsed']} on {job['nodes']}"
     lines.append(f"job:         {name}")
+    attempts = (job or {}).get("attempts", [])
+    if len(attempts) > 1 or (attempts and "tasks" in job):  # requeued runs, or array tasks: where each ran
+        for attempt in attempts:
+            where = f" on {attempt['nodes']}" if attempt["nodes"] and attempt["nodes"] != "None assigned" else ""
+            lines.append(f"             {attempt['job_id']} {attempt['state']}{where}"
+                         + (f", {attempt['elapsed']}" if attempt["elapsed"] else ""))
     if "merge_job" in status:
         lines.append(f"merge job:   {record['merge_job_id']}: {status['merge_job']['state']}")
     lines.append(f"job folder:  {record['folder']}")

@@ -123,7 +123,7 @@ class DebugConfig:
     kill_after_checkpoint_step: int | None = None  # SIGKILL every rank right after this checkpoint
     nonfinite_loss_steps: tuple[int, ...] = ()  # steps whose loss is replaced by NaN on rank 0
     stop_at_step: int | None = None  # rank 0 acts as if a stop signal arrived during this step
-    hang_at_step: int | None = None  # rank hang_rank hangs at the start of this step ...
+    hang_at_step: int | None = None  # rank hang_rank hangs at the start of this step (first session only) ...
     hang_rank: int = 1
     hang_how: Literal["stop", "read"] = "stop"  # ... stopped by SIGSTOP, or blocked in a read that never returns
 

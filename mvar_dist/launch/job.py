@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import submitit
 from mvar_dist.config import Experiment
 from mvar_dist.run_dir import RunDir
 from mvar_dist.runtime.distributed import RankEnv
+from mvar_dist.runtime.watchdog import on_hang
 from mvar_dist.tracking.run_record import read_run_record
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,23 @@ def export_rendezvous_env(cluster: str) -> dict[str, str]:
     values = {**rank_env.as_environ(), "LOCAL_WORLD_SIZE": str(job_env.num_tasks // max(job_env.num_nodes, 1))}
     os.environ.update(values)
     return values
+
+
+def requeue_after_hang(job_id: str, max_requeues: int) -> None:
+    """A rank ended itself hung: requeue the whole job (Slurm kills every task, stopped ones
+    included) so that it resumes from the last checkpoint, at most ``max_requeues`` times in
+    all (SLURM_RESTART_COUNT counts every requeue: preemptions and hangs alike)."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if restarts >= max_requeues:
+        logger.error("not requeueing job %s after the hang: it was requeued %d times (launch.max_requeues=%d); "
+                     "resubmit with the same run dir to resume", job_id, restarts, max_requeues)
+        return
+    logger.error("requeueing job %s after the hang (requeue %d of at most %d); it resumes from the last checkpoint",
+                 job_id, restarts + 1, max_requeues)
+    # every rank whose watchdog fires asks; Slurm takes the first and refuses the others
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        logger.warning("scontrol requeue %s: %s", job_id, result.stderr.strip())
 
 
 def tag_mlflow_run(run_dir: Path, tags: dict[str, str]) -> None:
@@ -113,8 +132,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         rendezvous = export_rendezvous_env(self.cluster)
         rank = int(rendezvous["RANK"])
-        logger.info("rank %d of %s, rendezvous %s:%s, requeued %d times so far", rank, rendezvous["WORLD_SIZE"],
-                    rendezvous["MASTER_ADDR"], rendezvous["MASTER_PORT"], self.requeues)
+        logger.info("rank %d of %s on %s, rendezvous %s:%s, requeued %d times so far", rank, rendezvous["WORLD_SIZE"],
+                    socket.gethostname(), rendezvous["MASTER_ADDR"], rendezvous["MASTER_PORT"], self.requeues)
+        if self.cluster == "slurm" and os.environ.get("SLURM_JOB_ID"):
+            on_hang(lambda: requeue_after_hang(os.environ["SLURM_JOB_ID"], self.max_requeues))
         requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's; the trainer replaces it
         code = run_training(training_task(self.config))
         if code != 0:

@@ -27,6 +27,8 @@ from mvar_dist.data_prep.pipeline import prep_parser, run_prep
 from mvar_dist.launch import sbatch
 from mvar_dist.launch.slurm import job_folder, make_executor, slurm_parameters
 from mvar_dist.launch.status import write_job_record
+from mvar_dist.state_files import ChecksumMismatch
+from mvar_dist.tokenizer.export_files import resolve_checkpoint, verify_checkpoint
 
 
 @dataclass
@@ -57,8 +59,14 @@ def prep_target(prep_argv: list[str]) -> argparse.Namespace:
         raise LaunchError("submit-prep runs the merge itself after the array; drop --merge")
     if not parsed.source or not Path(parsed.source).is_dir():
         raise LaunchError(f"prep source {parsed.source!r} is not a directory")
-    if not parsed.tokenizer or not Path(parsed.tokenizer).is_file():
+    if not parsed.tokenizer or not Path(parsed.tokenizer).exists():
         raise LaunchError(f"--tokenizer {parsed.tokenizer!r}: file not found")
+    try:  # a directory that is no export, or a damaged export file, would fail every task: say so now
+        tokenizer = resolve_checkpoint(parsed.tokenizer)
+        if not parsed.no_verify:
+            verify_checkpoint(tokenizer)
+    except (FileNotFoundError, ChecksumMismatch) as error:
+        raise LaunchError(str(error)) from None
     return parsed
 
 

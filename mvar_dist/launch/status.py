@@ -73,19 +73,23 @@ def job_state(job_id: str) -> dict[str, Any]:
     """
     rows = sacct_rows(job_id)
     if not rows:
-        return {"state": "UNKNOWN", "requeues": 0, "elapsed": "", "nodes": ""}
+        return {"state": "UNKNOWN", "requeues": 0, "elapsed": "", "nodes": "", "attempts": []}
     by_id: dict[str, list[dict[str, str]]] = {}
     for row in rows:
         by_id.setdefault(row["JobID"], []).append(row)
+    # every run of the job (or of each array task), oldest first: where it ran and how it ended
+    attempts = [{"job_id": row["JobID"], "state": row["State"].split()[0], "nodes": row["NodeList"],
+                 "elapsed": row["Elapsed"], "exit_code": row["ExitCode"]} for row in rows]
     if len(by_id) == 1:  # a plain job: earlier runs are REQUEUED/PREEMPTED rows, the last is current
         runs = next(iter(by_id.values()))
         current = runs[-1]
         return {"state": current["State"], "requeues": len(runs) - 1,
-                "elapsed": current["Elapsed"], "nodes": current["NodeList"]}
+                "elapsed": current["Elapsed"], "nodes": current["NodeList"], "attempts": attempts}
     states = Counter(runs[-1]["State"].split()[0] for runs in by_id.values())  # an array: its tasks
     summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
     requeues = sum(len(runs) - 1 for runs in by_id.values())
-    return {"state": summary, "requeues": requeues, "elapsed": "", "nodes": "", "tasks": dict(states)}
+    return {"state": summary, "requeues": requeues, "elapsed": "", "nodes": "", "tasks": dict(states),
+            "attempts": attempts}
 
 
 # ----- what the run directory says -----

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mvar_dist.state_files import file_sha256, load_state_dict_file
+from mvar_dist.state_files import load_state_dict_file, verify_file_sha256
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -32,14 +32,8 @@ def read_export_metadata(directory: str | Path) -> dict[str, Any]:
 def verify_weights(weights: Path, expected: str | None, config_file: Path) -> None:
     """ValueError unless ``weights`` has the sha256 ``config.json`` recorded (exports written before
     checksums were recorded have none: nothing to check)."""
-    if expected is None:
-        return
-    actual = file_sha256(weights)
-    if actual != expected:
-        raise ValueError(
-            f"{weights}: sha256 {actual[:12]}... differs from {expected[:12]}... recorded in {config_file}: the file is "
-            "damaged or belongs to another export; export again (or pass verify=False / --no-verify to load it anyway)"
-        )
+    if expected is not None:
+        verify_file_sha256(weights, expected, config_file)
 
 
 def read_export_weights(directory: str | Path, device: str | torch.device = "cpu",

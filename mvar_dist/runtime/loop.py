@@ -137,11 +137,13 @@ class StepLoop:
             self.evaluation_pending = False
             self.tracker.hold_from(None)
         batches = iter(self.loader)
+        first_session = step == 0  # the debug hang fires once: a resumed or requeued run gets past it
         while step < total:
             step += 1
             if self.config.debug.stop_at_step == step and self.context.rank == 0:
                 self.stop.request("debug.stop_at_step")
-            if self.config.debug.hang_at_step == step and self.context.rank == self.config.debug.hang_rank:
+            if (self.config.debug.hang_at_step == step and self.context.rank == self.config.debug.hang_rank
+                    and first_session):
                 hang(self.config.debug.hang_how, self.run_dir)
             outcome = self.task.train_step(step, batches)
             stopping = any_rank(self.stop.requested)

@@ -24,6 +24,15 @@ logger = logging.getLogger(__name__)
 
 EXIT_HUNG = 3  # docs/troubleshooting.md, "Exit codes"
 
+# what a launcher does when one of its ranks ends hung, before the process exits: under SLURM,
+# requeue the job (mvar_dist.launch.job); run after the watchdog's own cleanup
+_hang_actions: list[Callable[[], None]] = []
+
+
+def on_hang(action: Callable[[], None]) -> None:
+    """Run ``action`` in a rank that ends itself for lack of progress, just before it exits."""
+    _hang_actions.append(action)
+
 
 class HangWatchdog:
     """Exits the process with EXIT_HUNG when :meth:`beat` was not called for ``timeout_s``;
@@ -60,10 +69,11 @@ class HangWatchdog:
             "deadlocked or blocked in I/O, or this rank waits for one; ending the job (exit status %d). "
             "Resume with the same command", self.rank, idle, self.step, self.timeout_s, EXIT_HUNG,
         )
-        try:
-            self.before_exit()
-        except Exception:  # noqa: BLE001 - the process must end whatever the cleanup does
-            logger.exception("cleanup before ending the hung rank failed")
+        for action in (self.before_exit, *_hang_actions):
+            try:
+                action()
+            except Exception:  # noqa: BLE001 - the process must end whatever the cleanup does
+                logger.exception("cleanup before ending the hung rank failed")
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

@@ -12,6 +12,7 @@ import torch
 
 from mvar_dist.model.pretrained import read_export_metadata
 from mvar_dist.model.transformer import MVAR
+from mvar_dist.state_files import ChecksumMismatch
 from mvar_dist.tokenizer.base import Tokenizer
 from mvar_dist.tokenizer.factory import load_recorded_tokenizer
 
@@ -22,12 +23,15 @@ class TokenizerMismatch(ValueError):
     """The tokenizer given to ``sample`` is not the one the model was trained with."""
 
 
-def load_tokenizer(path: str | Path, recorded: dict[str, Any], device: torch.device) -> Tokenizer:
-    """The tokenizer an export records (its identity class, else its kind), loaded from ``path``."""
+def load_tokenizer(path: str | Path, recorded: dict[str, Any], device: torch.device, verify: bool = True) -> Tokenizer:
+    """The tokenizer an export records (its identity class, else its kind), loaded from ``path``;
+    ``verify`` checks a tokenizer export's file against the sha256 its config.json records."""
     from safetensors import SafetensorError
 
     try:
-        return load_recorded_tokenizer(path, recorded, device)
+        return load_recorded_tokenizer(path, recorded, device, verify)
+    except ChecksumMismatch:
+        raise  # a damaged or swapped file, not another kind of tokenizer: its own message says so
     except (ValueError, RuntimeError, SafetensorError) as err:
         identity = recorded.get("identity") or {}
         kind = identity.get("class") or recorded.get("kind", "vqvae")
@@ -71,15 +75,16 @@ def load_exported(
     allow_other_weights: bool = False, verify: bool = True,
 ) -> tuple[MVAR, Tokenizer, dict[str, Any]]:
     """(model in eval mode, its tokenizer, config.json) of an export; the tokenizer file defaults
-    to the one config.json names, and must match the identity recorded there."""
+    to the one config.json names, and must match the identity recorded there. ``verify`` checks
+    the model's weights, and a tokenizer export's file, against the sha256 their config.json records."""
     metadata = read_export_metadata(model_dir)
     recorded = metadata.get("tokenizer") or {}
     if tokenizer_path is None:
         if not recorded.get("checkpoint"):
             raise ValueError(f"{model_dir}/config.json names no tokenizer checkpoint: pass --tokenizer")
         tokenizer_path = recorded["checkpoint"]
-    if not Path(tokenizer_path).is_file():
+    if not Path(tokenizer_path).exists():  # a file, or a tokenizer export directory
         raise FileNotFoundError(f"tokenizer checkpoint {tokenizer_path} does not exist")
-    tokenizer = load_tokenizer(tokenizer_path, recorded, device)
+    tokenizer = load_tokenizer(tokenizer_path, recorded, device, verify)
     check_tokenizer_matches(metadata, tokenizer, str(tokenizer_path), allow_other_weights)
     return MVAR.from_pretrained(model_dir, device=device, verify=verify), tokenizer, metadata
