@@ -41,8 +41,10 @@ USER_ERRORS: dict[str, tuple[list[str], str]] = {
 
 # command -> (option, what its help must say): defaults that a user needs to know
 DEFAULTS: dict[str, list[tuple[str, str]]] = {
-    "train": [("--nproc", "by default this process is one rank")],
-    "train-tokenizer": [("--nproc", "by default this process is one rank")],
+    "train": [("--nproc", "by default this process is one rank"), ("--nnodes", "(default: 1)"),
+              ("--master-port", "29500")],
+    "train-tokenizer": [("--nproc", "by default this process is one rank"), ("--nnodes", "(default: 1)"),
+                        ("--master-port", "29500")],
     "submit": [("--nodes", "(default: launch.nodes of the experiment)"),
                ("--time", "(default: launch.time of the experiment)")],
     "submit-prep": [("--array-parallelism", "(default: 256)"), ("--time", "(default: 240)"),

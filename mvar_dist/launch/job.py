@@ -132,8 +132,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         rendezvous = export_rendezvous_env(self.cluster)
         rank = int(rendezvous["RANK"])
-        logger.info("rank %d of %s on %s, rendezvous %s:%s, requeued %d times so far", rank, rendezvous["WORLD_SIZE"],
-                    socket.gethostname(), rendezvous["MASTER_ADDR"], rendezvous["MASTER_PORT"], self.requeues)
+        logger.info("rank %d of %s on %s, rendezvous %s:%s, requeued %s times so far (%d on a stop signal)", rank,
+                    rendezvous["WORLD_SIZE"], socket.gethostname(), rendezvous["MASTER_ADDR"], rendezvous["MASTER_PORT"],
+                    os.environ.get("SLURM_RESTART_COUNT", "0") or "0", self.requeues)
         if self.cluster == "slurm" and os.environ.get("SLURM_JOB_ID"):
             on_hang(lambda: requeue_after_hang(os.environ["SLURM_JOB_ID"], self.max_requeues))
         requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's; the trainer replaces it

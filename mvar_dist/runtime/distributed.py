@@ -76,3 +76,14 @@ def init_distributed(rank_env: RankEnv, backend: str | None) -> torch.device:
         torch.cuda.set_device(rank_env.local_rank)
         return torch.device("cuda", rank_env.local_rank)
     return torch.device("cpu")
+
+
+def leave_distributed() -> None:
+    """Destroy the process group once this rank's run is complete (every collective done).
+
+    Left to interpreter exit, the group's gloo threads are torn down in no set order, and a rank
+    of a finished run can die with SIGABRT ("terminate called without an active exception");
+    seen on ranks started by torchrun, whose store lives in the agent. Not called after an
+    error: a peer may still be blocked in a collective with this rank."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

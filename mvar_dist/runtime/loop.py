@@ -31,7 +31,11 @@ from mvar_dist.run_state import RankState, RunState
 from mvar_dist.runtime import checkpoint as checkpoints
 from mvar_dist.runtime import setup
 from mvar_dist.runtime.collectives import any_rank
-from mvar_dist.runtime.distributed import init_distributed, read_rank_env
+from mvar_dist.runtime.distributed import (
+    init_distributed,
+    leave_distributed,
+    read_rank_env,
+)
 from mvar_dist.runtime.rng import rng_states, seed_all, set_rng_states
 from mvar_dist.runtime.run_lock import RunLock
 from mvar_dist.runtime.stop import StopFlag
@@ -100,6 +104,7 @@ def run_training(task: TrainingTask) -> int:
         finally:
             loop.watchdog.stop()
             tracker.finish(status)
+        leave_distributed()
         return 0 if status in ("FINISHED", "KILLED") else 1
     finally:
         if lock is not None:
