@@ -281,7 +281,8 @@ def _check_triton_inputs(q: torch.Tensor, kernel_size: int) -> None:
         raise ValueError(f"the Triton neighbourhood kernel supports fp16, bf16 and fp32, got {q.dtype}")
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"the Triton neighbourhood kernel supports head_dim 1..{MAX_HEAD_DIM}, got {q.shape[-1]}")
-    if not q.is_cuda and not triton.knobs.runtime.interpret:
+    # meta tensors carry shapes only (mvar_dist.memory counts what autograd saves): nothing runs
+    if not q.is_cuda and not q.is_meta and not triton.knobs.runtime.interpret:
         raise ValueError(
             f"the Triton neighbourhood kernel needs CUDA tensors (got {q.device}); use backend='torch' "
             "on CPU, or set TRITON_INTERPRET=1 before importing triton to run it in the interpreter"
@@ -322,6 +323,8 @@ def neighborhood_forward(
     batch, heads, num_tokens, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_tokens), dtype=torch.float32, device=q.device)
+    if q.is_meta:  # shapes only: the outputs are allocated as on a GPU, no kernel is launched
+        return out, lse
     for part in _batch_chunks(batch, heads):
         launch = (triton.cdiv(num_tokens, blocks.block_m), (part.stop - part.start) * heads)
         _forward_kernel[launch](
@@ -346,6 +349,8 @@ def neighborhood_backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(q.shape, dtype=k.dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=v.dtype, device=q.device)
+    if q.is_meta:  # shapes only, as in neighborhood_forward
+        return dq, dk, dv
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     for part in _batch_chunks(batch, heads):
         programs = (part.stop - part.start) * heads

@@ -33,6 +33,7 @@ LAYERS: dict[str, float] = {
     "mvar_dist.config": 3,
     "mvar_dist.runtime": 4,
     "mvar_dist.training": 5, "mvar_dist.tokenizer_training": 5,  # the two tasks; neither imports the other
+    "mvar_dist.memory": 5.5,  # exact activation memory: runs the model with the trainer's loss
     "mvar_dist.tasks": 6,
     "mvar_dist.launch": 7,
     "mvar_dist.quickstart": 8,
