@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one go, in under 8 minutes (each stage has its own timeout; the
+# Every GPU measurement in one go, in at most 10 minutes (each stage has its own timeout; the
 # script goes on past a failed stage): the Triton neighbourhood-attention kernel's correctness
 # (vs the torch path and, if installed, NATTEN) and speed (B64 h16 16x16 d64 bf16, vs masked SDPA
 # and NATTEN), a d16 batch-32 bf16 training step (VAR vs MVAR-all vs MVAR-paper, and MVAR-all with
-# activation checkpointing) and d16 batch-32
-# sampling (VAR with its KV cache vs MVAR). Writes $GPU_REPORT_DIR/report.json and report.md
-# (default gpu_report/), plus each stage's log.
+# activation checkpointing), d16 batch-32 sampling (VAR with its KV cache vs MVAR) and mvar-dist
+# plan's predicted memory vs CUDA max allocated (d16 batch 32 bf16 ZeRO-2). Writes
+# $GPU_REPORT_DIR/report.json and report.md (default gpu_report/), plus each stage's log.
 # Usage: bash benchmarks/gpu_check.sh            (exit 1 without a CUDA device or if the kernel tests failed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,5 +36,7 @@ stage kernel_speed 60 python benchmarks/neighborhood_attention.py --grids 16 --s
 stage train_step 150 python benchmarks/train_step.py --depth 16 --batch 32 --precision bf16 \
   --variants var,mvar-all,mvar-paper,mvar-all+ckpt --json "$OUT/train_step.json"
 stage sampling 60 python benchmarks/sampling.py --depth 16 --batch 32 --json "$OUT/sampling.json"
+# mvar-dist plan's predicted memory vs CUDA max allocated: d16 batch 32 bf16 ZeRO-2 (docs/training.md, "Memory")
+stage plan_check 120 python benchmarks/plan_check.py --batch 32 --json "$OUT/plan_check.json"
 python benchmarks/gpu_report.py "$OUT"
 grep -q "^environment 0 " "$OUT/stages.txt" && grep -q "^kernel_tests 0 " "$OUT/stages.txt"

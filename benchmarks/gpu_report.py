@@ -1,6 +1,7 @@
 """Assemble the outputs of ``benchmarks/gpu_check.sh`` into one ``report.json`` and one markdown
 table (``report.md``): stage outcomes, kernel correctness, kernel speed against its targets, the
-d16 training step and d16 sampling, VAR vs MVAR. Stages that failed or timed out are reported as
+d16 training step and d16 sampling, VAR vs MVAR, and ``mvar-dist plan``'s predicted memory
+against CUDA's (benchmarks/plan_check.py). Stages that failed or timed out are reported as
 such; whatever they finished is still shown.
 
     python benchmarks/gpu_report.py gpu_report/
@@ -93,6 +94,16 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['variant']} | {r['peak_memory_mb']:.0f} | {r['images_per_s']:.1f} |" for r in sampling]
         lines.append(f"| VAR/MVAR memory; MVAR/VAR speed | {var['peak_memory_mb'] / mvar['peak_memory_mb']:.2f}x | "
                      f"{mvar['images_per_s'] / var['images_per_s']:.2f}x |")
+    plan = report.get("plan_check")
+    if isinstance(plan, dict) and plan.get("predicted_peak"):
+        lines += ["", f"| mvar-dist plan, d{plan.get('depth', 16)} batch {plan['batch']} {plan['precision']} {plan['template']} | predicted MiB | "
+                  "CUDA max allocated MiB | measured / predicted |", "|---|---:|---:|---:|"]
+        for name, predicted, measured in (("after engine init", "predicted_after_init", "after_init"),
+                                          ("between steps", "predicted_between_steps", "between_steps"),
+                                          ("peak of a step", "predicted_peak", "measured_peak")):
+            lines.append(f"| {name} | {plan[predicted] / 2**20:.0f} | {plan[measured] / 2**20:.0f} | "
+                         f"{plan[measured] / plan[predicted]:.3f} |")
+        lines.append(f"| peak reserved by the allocator | | {plan['reserved_peak'] / 2**20:.0f} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +111,7 @@ def main(out: Path) -> int:
     report = {
         "stages": stages(out), "kernel": kernel(out),
         "train_step": _load(out / "train_step.json"), "sampling": _load(out / "sampling.json"),
+        "plan_check": _load(out / "plan_check.json"),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))

@@ -18,6 +18,7 @@ from mvar_dist.commands.reporting import FAILED, USER_ERROR, declared, report
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("mvar_dist.commands.train", "main", "train MVAR or VAR with DeepSpeed on code shards (--nproc N: N local ranks)"),
     "train-tokenizer": ("mvar_dist.commands.train_tokenizer", "main", "train the multi-scale VQVAE tokenizer on images (kind: tokenizer experiments; --nproc N)"),
+    "plan": ("mvar_dist.commands.plan", "main", "will a config fit: per-GPU memory under ZeRO 1/2/3, largest micro batch, recommended stage"),
     "submit": ("mvar_dist.commands.submit", "main", "submit a training run to SLURM with submitit (--dry-run: print the sbatch script)"),
     "submit-prep": ("mvar_dist.commands.submit_prep", "main", "run prep as a SLURM job array, then merge the manifest in a dependent job"),
     "status": ("mvar_dist.commands.status", "main", "state of a submitted run: SLURM job, requeues, last checkpoint, MLflow run"),

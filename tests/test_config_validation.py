@@ -135,7 +135,7 @@ def test_nproc_validates_in_the_parent_and_spawns_nothing(monkeypatch, capsys):
     from mvar_dist.launch import local
 
     spawned: list[tuple[int, list[str]]] = []
-    monkeypatch.setattr(local, "launch", lambda nproc, command, env=None: spawned.append((nproc, list(command))) or 0)
+    monkeypatch.setattr(local, "launch", lambda nproc, command, env=None, nodes=None: spawned.append((nproc, list(command))) or 0)
     code = cli_main(["train", "--nproc", "2", "--config", str(TINY), *BAD])
     err = capsys.readouterr().err
     assert spawned == [], "a config the parent can refuse must not start any rank"
@@ -149,7 +149,7 @@ def test_nproc_with_a_good_config_spawns_the_ranks(monkeypatch, capsys):
     from mvar_dist.launch import local
 
     spawned: list[tuple[int, list[str]]] = []
-    monkeypatch.setattr(local, "launch", lambda nproc, command, env=None: spawned.append((nproc, list(command))) or 0)
+    monkeypatch.setattr(local, "launch", lambda nproc, command, env=None, nodes=None: spawned.append((nproc, list(command))) or 0)
     assert cli_main(["train", "--nproc", "2", "--config", str(TINY), "tokenizer.checkpoint=null"]) == 0
     assert len(spawned) == 1 and spawned[0][0] == 2
     assert spawned[0][1][-1] == "tokenizer.checkpoint=null"

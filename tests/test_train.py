@@ -71,10 +71,11 @@ def metric_history(run_dir: Path, key: str) -> list[tuple[int, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])  # ZeRO-2 (the default) runs in the resume test
-def test_zero_stages_take_one_optimizer_step_per_global_batch(tiny_codes, tmp_path, stage):
-    run_dir = tmp_path / f"zero{stage}"
-    ok(run_train(tiny_codes, run_dir, f"deepspeed.template=zero{stage}", "train.total_steps=2"))
+# ZeRO-2 (the default) runs in the resume test; the offload template with the trainer's torch AdamW
+@pytest.mark.parametrize("template", ["zero1", "zero3", "zero3_offload"])
+def test_zero_stages_take_one_optimizer_step_per_global_batch(tiny_codes, tmp_path, template):
+    run_dir = tmp_path / template
+    ok(run_train(tiny_codes, run_dir, f"deepspeed.template={template}", "train.total_steps=2"))
     assert latest_step(run_dir) == 2
     states = model_states(run_dir, 2)
     # 2 micro-batches x 3 scale groups per rank, yet one optimizer step per global batch
