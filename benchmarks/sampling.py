@@ -1,8 +1,10 @@
 """Sampling cost of VAR (KV cache over every earlier scale) vs MVAR (no cache: each scale sees
 only its own tokens, the largest with k x k neighbourhood attention), side by side.
 
-Same model size, batch, classifier-free guidance and top-k / top-p; each variant runs in its own
-process so that its peak memory is its own. Reported per variant:
+Same model size, batch, classifier-free guidance and top-k / top-p. Each variant runs ``--runs``
+times (default 3), every run in a fresh process so that its peak memory is its own, the two
+variants interleaved; each figure is printed as the median and the min-max over the runs, ratios
+are ratios of medians. Reported per variant:
 
 - peak memory while sampling: CUDA max allocated minus the weights on GPU; on CPU the growth of
   peak RSS over the process's RSS before the first sample (the first call's: caches, activations);
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -102,7 +105,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--width", type=int, default=None, help="default 64 x depth (the released shapes)")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed generate calls per process")
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes per variant (median and min-max)")
     parser.add_argument("--cfg", type=float, default=2.7)
     parser.add_argument("--top-k", type=int, default=1200)
     parser.add_argument("--top-p", type=float, default=0.99)
@@ -115,29 +119,53 @@ def main() -> None:
     if args.variant:
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
-    rows = []
-    for variant in ("var", "mvar"):
-        command = [sys.executable, __file__, "--variant", variant, "--depth", str(args.depth), "--width", str(args.width),
-                   "--batch", str(args.batch), "--repeats", str(args.repeats), "--cfg", str(args.cfg),
-                   "--top-k", str(args.top_k), "--top-p", str(args.top_p), *(["--profile"] if args.profile else [])]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    runs: dict[str, list[dict]] = {"var": [], "mvar": []}
+    for _ in range(args.runs):
+        for variant in runs:
+            command = [sys.executable, __file__, "--variant", variant, "--depth", str(args.depth),
+                       "--width", str(args.width), "--batch", str(args.batch), "--repeats", str(args.repeats),
+                       "--cfg", str(args.cfg), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
+                       *(["--profile"] if args.profile else [])]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs[variant].append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    rows = [summarise(runs[variant]) for variant in runs]
     var, mvar = rows
     print(f"sampling, 256px layout (10 scales, 680 tokens), depth {args.depth}, width {args.width}, batch {args.batch}, "
-          f"cfg {args.cfg}, top-k {args.top_k}, top-p {args.top_p}, {var['params_m']:.0f}M params, {var['device']}")
-    print(f"{'variant':<8} {'peak MB':>9} {'images/s':>9} {'s/call':>8}")
+          f"cfg {args.cfg}, top-k {args.top_k}, top-p {args.top_p}, {var['params_m']:.0f}M params, {var['device']}; "
+          f"{args.runs} fresh processes per variant: median [min-max]; ratios of medians")
+    print(f"{'variant':<8} {'peak MB':>20} {'images/s':>20} {'s/call':>8}")
     for row in rows:
-        print(f"{row['variant']:<8} {row['peak_memory_mb']:>9.0f} {row['images_per_s']:>9.2f} {row['seconds_per_call']:>8.2f}")
+        print(f"{row['variant']:<8} {_spread(row, 'peak_memory_mb', '.0f'):>20} "
+              f"{_spread(row, 'images_per_s', '.2f'):>20} {row['seconds_per_call']:>8.2f}")
     print(f"memory VAR/MVAR: {var['peak_memory_mb'] / mvar['peak_memory_mb']:.2f}x; "
-          f"speed MVAR/VAR: {mvar['images_per_s'] / var['images_per_s']:.2f}x")
+          f"speed MVAR/VAR: {mvar['images_per_s'] / var['images_per_s']:.2f}x (medians)")
     if args.profile:
-        print("seconds per scale pass:  " + "  ".join(f"s{s}" for s in var["scale_seconds"]))
+        print("seconds per scale pass (medians):  " + "  ".join(f"s{s}" for s in var["scale_seconds"]))
         for row in rows:
             print(f"{row['variant']:<8} " + " ".join(f"{t:.3f}" for t in row["scale_seconds"].values()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
 
+
+FIGURES = ("peak_memory_mb", "images_per_s", "seconds_per_call")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One variant's runs -> its row: every figure the median, ``spread`` its [min, max], ``runs`` them all."""
+    row = dict(runs[0])
+    for key in FIGURES:
+        values = [run[key] for run in runs]
+        row[key] = statistics.median(values)
+        row.setdefault("spread", {})[key] = [min(values), max(values)]
+    row["scale_seconds"] = {s: statistics.median(run["scale_seconds"][s] for run in runs) for s in row["scale_seconds"]}
+    row["runs"] = runs
+    return row
+
+
+def _spread(row: dict, key: str, fmt: str) -> str:
+    low, high = row["spread"][key]
+    return f"{row[key]:{fmt}} [{low:{fmt}}-{high:{fmt}}]"
 
 if __name__ == "__main__":
     main()

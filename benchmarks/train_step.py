@@ -3,8 +3,11 @@ and what activation checkpointing (``+ckpt``: every block recomputed) and ``torc
 (``+compile``: the blocks compiled) buy.
 
 Same model size, same global batch, the real DeepSpeed engine and
-``mvar_dist.training.task.train_step`` (one rank). Each variant runs in its own process so that
-peak memory is its own. Reported:
+``mvar_dist.training.task.train_step`` (one rank). Each variant runs ``--runs`` times (default 3),
+every run in a fresh process so that peak memory is its own; the runs of the variants are
+interleaved (run 1 of every variant, then run 2, ...) so that a slow spell of the machine hits
+them alike. Each figure is printed as the median and the min-max over the runs; ratios are
+ratios of medians. Reported:
 
 - time per image with *all scales covered*: VAR and ``all`` cover every scale of every image in
   one optimizer step; the paper rotation trains one scale group per step, so covering all scales
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -148,7 +152,8 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps (cycles for paper) per process")
+    parser.add_argument("--runs", type=int, default=3, help="fresh processes per variant (median and min-max)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -160,33 +165,55 @@ def main() -> None:
         return
     from mvar_dist.runtime.distributed import free_port
 
-    rows = []
-    for variant in args.variants.split(","):
-        command = [sys.executable, __file__, "--variant", variant, "--port", str(free_port()),
-                   "--depth", str(args.depth), "--width", str(args.width), "--batch", str(args.batch),
-                   "--repeats", str(args.repeats), "--precision", args.precision]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    variants = args.variants.split(",")
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+    for _ in range(args.runs):
+        for variant in variants:
+            command = [sys.executable, __file__, "--variant", variant, "--port", str(free_port()),
+                       "--depth", str(args.depth), "--width", str(args.width), "--batch", str(args.batch),
+                       "--repeats", str(args.repeats), "--precision", args.precision]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            runs[variant].append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    rows = [summarise(runs[variant]) for variant in variants]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     base = rows[0]
     print(f"train step, 256px layout (680 tokens), depth {args.depth}, width {args.width}, "
-          f"batch {args.batch}, {args.precision}, {base['params_m']:.1f}M params, {base['device']}")
-    print(f"{'variant':<17} {'ms/img all scales':>18} {'x first':>8} {'mean step s':>12} "
-          f"{'peak MB':>9} {'x first':>8} {'tokens/s':>10}")
+          f"batch {args.batch}, {args.precision}, {base['params_m']:.1f}M params, {base['device']}; "
+          f"{args.runs} fresh processes per variant: median [min-max]; ratios of medians")
+    print(f"{'variant':<17} {'ms/img all scales':>26} {'x first':>8} {'mean step s':>12} "
+          f"{'peak MB':>20} {'x first':>8} {'tokens/s':>10}")
     for row in rows:
-        print(f"{row['variant']:<17} {row['time_per_image_all_scales_ms']:>18.1f} "
+        print(f"{row['variant']:<17} {_spread(row, 'time_per_image_all_scales_ms', '.1f'):>26} "
               f"{row['time_per_image_all_scales_ms'] / base['time_per_image_all_scales_ms']:>8.2f} "
-              f"{row['mean_step_s']:>12.3f} {row['peak_memory_mb']:>9.0f} "
+              f"{row['mean_step_s']:>12.3f} {_spread(row, 'peak_memory_mb', '.0f'):>20} "
               f"{row['peak_memory_mb'] / base['peak_memory_mb']:>8.2f} {row['tokens_per_s']:>10.0f}")
     by_name = {row["variant"]: row for row in rows}
     for plain, other in (("var", "var+ckpt"), ("mvar-all", "mvar-all+ckpt"), ("mvar-all", "mvar-all+compile")):
         if plain in by_name and other in by_name:
             a, b = by_name[plain], by_name[other]
             print(f"{other} vs {plain}: memory x{b['peak_memory_mb'] / a['peak_memory_mb']:.2f}, "
-                  f"step time x{b['time_per_image_all_scales_ms'] / a['time_per_image_all_scales_ms']:.2f}")
+                  f"step time x{b['time_per_image_all_scales_ms'] / a['time_per_image_all_scales_ms']:.2f} (medians)")
 
+
+FIGURES = ("time_per_image_all_scales_ms", "mean_step_s", "peak_memory_mb", "tokens_per_s")
+
+
+def summarise(runs: list[dict]) -> dict:
+    """One variant's runs -> its row: every figure the median, ``spread`` its [min, max], ``runs`` them all."""
+    row = dict(runs[0])
+    for key in FIGURES:
+        values = [run[key] for run in runs]
+        row[key] = statistics.median(values)
+        row.setdefault("spread", {})[key] = [min(values), max(values)]
+    row["runs"] = runs
+    return row
+
+
+def _spread(row: dict, key: str, fmt: str) -> str:
+    low, high = row["spread"][key]
+    return f"{row[key]:{fmt}} [{low:{fmt}}-{high:{fmt}}]"
 
 if __name__ == "__main__":
     main()

@@ -103,3 +103,42 @@ def test_quickstart_end_to_end(tmp_path):
     assert rerun["mlflow"]["run_id"] == run_id
     assert Path(rerun["tokenizer"]).stat().st_mtime_ns == tokenizer_mtime
     assert rerun["judged_accuracy"] == summary["judged_accuracy"]  # same export, same seed
+
+
+def test_ranks_get_a_fixed_thread_count_whatever_the_machine(tmp_path, monkeypatch):
+    """Results depend on the thread count (CPU reductions split by thread), so the quickstart's
+    ranks get THREADS, not cores / ranks nor the caller's OMP_NUM_THREADS: the same figures on a
+    2-core and on a 16-core machine."""
+    from mvar_dist.quickstart import pipeline
+
+    launched = {}
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setattr(pipeline, "launch", lambda nproc, command, env: launched.update(env) or 0)
+    pipeline.train(tmp_path / "experiment.yaml", 2)
+    assert launched["OMP_NUM_THREADS"] == "1"  # was cores / ranks, or the caller's: 8 here
+    assert launched["MKL_NUM_THREADS"] == "1"
+
+
+def test_the_quickstart_process_computes_with_the_fixed_thread_count(tmp_path, monkeypatch):
+    """Its own torch work (tokenizer encode of the shards, the VQVAE's report, sampling, the judge)
+    runs at THREADS too, and the caller's setting is restored afterwards."""
+    import torch
+
+    from mvar_dist.quickstart import pipeline
+
+    seen = []
+
+    def first_stage(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise pipeline.QuickstartError("stop after the first stage")
+
+    monkeypatch.setattr(pipeline, "write_digits_image_folder", first_stage)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(pipeline.QuickstartError, match="first stage"):
+            pipeline.run_quickstart(tmp_path / "qs")
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -64,6 +64,13 @@ logger = logging.getLogger(__name__)
 NUM_CLASSES = 10
 SHARD_SIZE = 500
 GRID_ZOOM = 4  # 16 px digits are too small to see; the grid repeats each pixel 4x4
+# Threads per training rank and for this process's own torch work (tokenizer encode, sampling,
+# judging): fixed, not derived from the machine or the caller's OMP_NUM_THREADS. CPU kernels split
+# their reductions by thread, so results differ in the last bits between thread counts (a VQVAE's
+# gradients: ~1e-7 on 18% of the elements between 1 and 2 threads, bitwise equal at the same count),
+# and a few hundred training steps turn that into a different tokenizer and judged accuracy. With
+# the count fixed, the same command gives the same figures on any machine with the same CPU kernels.
+THREADS = 1
 
 
 class QuickstartError(RuntimeError):
@@ -168,8 +175,8 @@ def train(experiment_file: Path, nproc: int, command_name: str = "train") -> Non
     with CPU-friendly thread counts."""
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
-    # one rank per core: torch's default (all cores per rank) oversubscribes the CPU
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # a fixed count, not cores / ranks (see THREADS): the results depend on it
+    env.update(OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
     command = [sys.executable, "-m", "mvar_dist", command_name, "--config", str(experiment_file)]
     code = launch(nproc, command, env=env)
     if code:
@@ -217,6 +224,24 @@ def run_quickstart(out: Path, mode: Mode = "mvar", steps: int = DEFAULT_STEPS, s
                    per_class: int = 20, grid_per_class: int = 10, fresh: bool = False,
                    overrides: Sequence[str] = (), tokenizer_kind: TokenizerKind = "patch") -> dict[str, Any]:
     """Run every stage; returns the summary (also written to ``out/summary.json``)."""
+    with torch_threads(THREADS):
+        return _run_quickstart(out, mode, steps, seed, nproc, per_class, grid_per_class, fresh, overrides,
+                               tokenizer_kind)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """This process's torch intra-op threads set to ``count`` for the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_quickstart(out: Path, mode: Mode, steps: int, seed: int, nproc: int, per_class: int, grid_per_class: int,
+                    fresh: bool, overrides: Sequence[str], tokenizer_kind: TokenizerKind) -> dict[str, Any]:
     if steps < 1 or per_class < 1 or not 1 <= grid_per_class <= per_class:
         raise QuickstartError("--steps and --per-class must be >= 1 and --grid-per-class in 1..--per-class")
     paths = QuickstartPaths(Path(out), tokenizer_kind)
@@ -259,7 +284,8 @@ def run_quickstart(out: Path, mode: Mode = "mvar", steps: int = DEFAULT_STEPS, s
     tracking_uri = raw["tracking"]["uri"]
     log_quality(tracking_uri, training["mlflow_run_id"], training["steps"], quality)
     summary = {
-        "mode": mode, "steps": training["steps"], "seed": seed, "out": str(paths.out.resolve()),
+        "mode": mode, "steps": training["steps"], "seed": seed, "threads": THREADS, "torch": torch.__version__,
+        "out": str(paths.out.resolve()),
         "digits": str(paths.digits.resolve()), "tokenizer": str(paths.tokenizer.resolve()),
         "shards": str(manifest.resolve()), "verified": verified, "run_dir": str(run_dir.resolve()),
         "mlflow": {
