@@ -96,3 +96,31 @@ def test_auto_is_read_from_yaml_and_overrides(tmp_path):
     assert config.train.batch_split(2).accumulation == 4
     with pytest.raises(ConfigError, match="train.micro_batch_size must be an integer >= 1 or 'auto'"):
         validate_experiment(load_experiment(ROOT / "configs" / "tiny_cpu.yaml", ["train.micro_batch_size=0"]), 2)
+
+
+def test_gpu_memory_caps_auto_at_the_largest_micro_batch_the_plan_fits(capsys, tmp_path):
+    """`submit --gpu-memory` with micro_batch_size auto and no max_micro_batch_size: the job's
+    micro batch is the plan's largest that fits one GPU, not the rank's whole share."""
+    from mvar_dist.memory.plan import Cluster, plan_run
+
+    config_file = ROOT / "configs" / "mvar_d24.yaml"
+    overrides = [*weight_paths(config_file, tmp_path), "train.max_micro_batch_size=null", f"run.dir={tmp_path / 'run'}"]
+    submit = ["submit", "--config", str(config_file), "--cluster", "slurm", "--nodes", "1", "--gpus-per-node", "8",
+              "--dry-run"]
+    recipe = load_experiment(config_file, overrides)
+    uncapped = recipe.train.batch_split(8)
+    assert cli_main([*submit, *overrides]) == 0
+    assert f"batch split: {uncapped.describe()}" in capsys.readouterr().err
+
+    plan = plan_run(recipe, Cluster(1, 8, 24 * 2**30, reserve=24 * 2**30 // 10, write_bandwidth=2.0**30))
+    largest = next(stage for stage in plan.stages if stage.configured).largest_micro_batch
+    capped = resolve_batch_split(recipe.train.global_batch_size, "auto", 8, largest)
+    assert 1 <= capped.micro_batch < uncapped.micro_batch  # 24 GB does not hold d24's share of 56
+    assert cli_main([*submit, "--gpu-memory", "24GB", *overrides]) == 0
+    err = capsys.readouterr().err
+    assert f"batch split: {capped.describe()}" in err
+
+    assert cli_main([*submit, "--gpu-memory", "1GB", *overrides]) == 2
+    assert "not even one sample per pass fits a 1GB GPU (--gpu-memory)" in capsys.readouterr().err
+    assert cli_main([*submit, "--gpu-memory", "24", *overrides]) == 2
+    assert "--gpu-memory (launch.gpu_memory): '24' needs a unit, e.g. 24GB" in capsys.readouterr().err

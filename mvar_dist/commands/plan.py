@@ -7,32 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Callable, Sequence
 
 from mvar_dist.commands.reporting import HelpFormatter, reports
 from mvar_dist.config import ConfigError, load_config
+from mvar_dist.config import sizes as config_sizes
 from mvar_dist.memory.plan import Cluster, Plan, StagePlan, plan_run
 
 GIB = 2**30
-_UNITS = {"b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": GIB, "gb": GIB, "gib": GIB, "t": 2**40, "tb": 2**40, "tib": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$")
 DEFAULT_RESERVE = "10%"
 
 
 def parse_size(text: str) -> int:
-    """``80GB``, ``24GiB``, ``512M``, ``1.5TB`` -> bytes. Sizes are binary (GPU memory is: an
-    "80 GB" GPU has 80 GiB), so GB and GiB are the same unit here."""
-    match = _SIZE.match(text.lower().removesuffix("/s"))
-    if match is None or _UNITS.get(match.group(2), 0) == 0:
-        if match is not None and match.group(2) == "":
-            raise argparse.ArgumentTypeError(f"{text!r} needs a unit, e.g. {text.strip()}GB")
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 80GB, 24GiB or 512MB")
-    value = float(match.group(1)) * _UNITS[match.group(2)]
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
-    return int(value)
+    """:func:`mvar_dist.config.sizes.parse_size` as an argparse type."""
+    try:
+        return config_sizes.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_reserve(text: str) -> Callable[[int], int]:

@@ -34,6 +34,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--job-name": ("job_name", str, "SLURM job name"),
     "--signal-delay": ("signal_delay_s", int, "seconds before the time limit to signal a checkpoint"),
     "--cluster": ("cluster", str, "slurm, local (subprocesses here) or debug (in this process)"),
+    "--gpu-memory": ("gpu_memory", str, "memory of one GPU, e.g. 80GB: caps micro_batch_size auto at what "
+                                        "mvar-dist plan finds fits"),
 }
 
 

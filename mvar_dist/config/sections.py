@@ -148,6 +148,9 @@ class LaunchConfig:
     slurm_setup: list[str] = field(default_factory=list)  # shell lines before srun (modules, env)
     signal_delay_s: int = 120  # USR2 this long before the time limit: time to save a checkpoint
     cluster: Literal["slurm", "local", "debug"] = "slurm"
+    # memory of one GPU ("80GB"): with train.micro_batch_size auto and no max_micro_batch_size,
+    # submit caps the micro batch at the largest that mvar-dist plan finds fits
+    gpu_memory: str | None = None
 
     @property
     def ranks_per_node(self) -> int:

@@ -18,6 +18,7 @@ from mvar_dist.config.batch_split import check_micro_batch
 from mvar_dist.config.deepspeed_templates import read_template
 from mvar_dist.config.experiment import ExperimentConfig
 from mvar_dist.config.loading import ConfigError
+from mvar_dist.config.sizes import parse_size
 from mvar_dist.config.sections import LaunchConfig, OptimConfig, SampleConfig
 from mvar_dist.config.tokenizer_experiment import TokenizerExperiment
 from mvar_dist.data.config import DataConfig
@@ -246,6 +247,11 @@ def validate_launch(launch: LaunchConfig) -> None:
                 f"--tasks-per-node={launch.tasks_per_node} with --gpus-per-node={launch.gpus_per_node}: "
                 "GPU jobs run one task per GPU; drop --tasks-per-node (it is for CPU ranks)"
             )
+    if launch.gpu_memory is not None:
+        try:
+            parse_size(launch.gpu_memory)
+        except ValueError as error:
+            raise LaunchError(f"--gpu-memory (launch.gpu_memory): {error}") from None
     if launch.mem is not None and not _MEM_PATTERN.match(launch.mem):
         raise LaunchError(f"--mem (launch.mem) must look like 64G or 500M, got {launch.mem!r}")
     if launch.signal_delay_s >= launch.time * 60:

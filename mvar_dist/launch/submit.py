@@ -6,13 +6,27 @@ and the record ``mvar-dist status`` reads. What runs inside the job is
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mvar_dist.config import Experiment, LaunchConfig, kind_of, load_experiment, validate_experiment, validate_launch
+from mvar_dist.config import (
+    Experiment,
+    ExperimentConfig,
+    LaunchConfig,
+    LaunchError,
+    kind_of,
+    load_experiment,
+    validate_experiment,
+    validate_launch,
+)
+from mvar_dist.config.batch_split import AUTO
+from mvar_dist.config.sizes import parse_size
 from mvar_dist.launch.slurm import check_partition, check_resources, make_executor
 from mvar_dist.launch.status import write_job_record
 from mvar_dist.tracking import resolve_tracking_uri
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_launch(config: Experiment, changes: Mapping[str, Any]) -> LaunchConfig:
@@ -40,6 +54,7 @@ def prepare(
     tracking = dataclasses.replace(config.tracking, uri=resolve_tracking_uri(config.tracking.uri, Path(run.dir)))
     # the run's saved config records the resources it ran with
     config = dataclasses.replace(config, run=run, launch=launch, tracking=tracking)
+    config = cap_micro_batch_by_memory(config, launch)
     validate_experiment(config, launch.world_size)
     if dry_run:
         return config, launch
@@ -48,6 +63,32 @@ def prepare(
         check_partition(launch.partition)
         check_resources(launch)  # else a job no node can hold pends forever
     return config, launch
+
+
+def cap_micro_batch_by_memory(config: Experiment, launch: LaunchConfig) -> Experiment:
+    """With ``train.micro_batch_size: auto``, no ``train.max_micro_batch_size`` and
+    ``launch.gpu_memory`` known, the largest micro batch that ``mvar-dist plan`` finds fits one GPU
+    under the experiment's DeepSpeed template becomes ``max_micro_batch_size`` in the job's config
+    (and so in the run's config.yaml). Nothing changes for other experiments or without it."""
+    train = config.train
+    if (launch.gpu_memory is None or not isinstance(config, ExperimentConfig) or train.micro_batch_size != AUTO
+            or train.max_micro_batch_size is not None):
+        return config
+    from mvar_dist.memory.plan import Cluster, plan_run
+
+    memory = parse_size(launch.gpu_memory)
+    cluster = Cluster(launch.nodes, launch.ranks_per_node, memory, reserve=memory // 10, write_bandwidth=float(2**30))
+    plan = plan_run(config, cluster)
+    stage = next(stage for stage in plan.stages if stage.configured)
+    if stage.largest_micro_batch < 1:
+        raise LaunchError(
+            f"not even one sample per pass fits a {launch.gpu_memory} GPU (--gpu-memory) under "
+            f"deepspeed.template={config.deepspeed.template}; see mvar-dist plan --config ... --gpu-memory "
+            f"{launch.gpu_memory} for the stages that fit"
+        )
+    logger.info("train.max_micro_batch_size=%d: the largest micro batch that fits a %s GPU under %s (mvar-dist plan)",
+                stage.largest_micro_batch, launch.gpu_memory, config.deepspeed.template)
+    return dataclasses.replace(config, train=dataclasses.replace(train, max_micro_batch_size=stage.largest_micro_batch))
 
 
 def submit(config: Experiment, launch: LaunchConfig, argv: Sequence[str]) -> dict[str, Any]:
