@@ -128,6 +128,9 @@ def main() -> None:
                        *(["--profile"] if args.profile else [])]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[variant].append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+        if args.json:  # after every round, so that a run stopped by a time limit keeps its finished rounds
+            with open(args.json, "w") as f:
+                json.dump([summarise(runs[variant]) for variant in runs], f, indent=1)
     rows = [summarise(runs[variant]) for variant in runs]
     var, mvar = rows
     print(f"sampling, 256px layout (10 scales, 680 tokens), depth {args.depth}, width {args.width}, batch {args.batch}, "

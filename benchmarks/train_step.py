@@ -174,6 +174,9 @@ def main() -> None:
                        "--repeats", str(args.repeats), "--precision", args.precision]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             runs[variant].append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+        if args.json:  # after every round, so that a run stopped by a time limit keeps its finished rounds
+            with open(args.json, "w") as f:
+                json.dump([summarise(runs[variant]) for variant in runs], f, indent=1)
     rows = [summarise(runs[variant]) for variant in variants]
     if args.json:
         with open(args.json, "w") as f:
