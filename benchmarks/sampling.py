@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+
+from fresh_runs import current_rss_mb, measure_rounds, median_row, spread
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -59,7 +59,7 @@ def measure(args: argparse.Namespace) -> dict:
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _current_rss_mb()
+    rss_before = current_rss_mb()
     sample(0)  # the memory of a cold call: caches and activations as sampling allocates them
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 - weights_mb if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss_before)
@@ -95,11 +95,6 @@ def _time_scales(model, timings: dict[int, float], cuda: bool) -> None:
     model.logits = timed
 
 
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=8)
@@ -119,56 +114,37 @@ def main() -> None:
     if args.variant:
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
-    runs: dict[str, list[dict]] = {"var": [], "mvar": []}
-    for _ in range(args.runs):
-        for variant in runs:
-            command = [sys.executable, __file__, "--variant", variant, "--depth", str(args.depth),
-                       "--width", str(args.width), "--batch", str(args.batch), "--repeats", str(args.repeats),
-                       "--cfg", str(args.cfg), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
-                       *(["--profile"] if args.profile else [])]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            runs[variant].append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-        if args.json:  # after every round, so that a run stopped by a time limit keeps its finished rounds
-            with open(args.json, "w") as f:
-                json.dump([summarise(runs[variant]) for variant in runs], f, indent=1)
-    rows = [summarise(runs[variant]) for variant in runs]
+    def command(variant: str) -> list[str]:
+        return [sys.executable, __file__, "--variant", variant, "--depth", str(args.depth),
+                "--width", str(args.width), "--batch", str(args.batch), "--repeats", str(args.repeats),
+                "--cfg", str(args.cfg), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
+                *(["--profile"] if args.profile else [])]
+
+    rows = measure_rounds(command, ("var", "mvar"), args.runs, summarise, args.json)
     var, mvar = rows
     print(f"sampling, 256px layout (10 scales, 680 tokens), depth {args.depth}, width {args.width}, batch {args.batch}, "
           f"cfg {args.cfg}, top-k {args.top_k}, top-p {args.top_p}, {var['params_m']:.0f}M params, {var['device']}; "
           f"{args.runs} fresh processes per variant: median [min-max]; ratios of medians")
     print(f"{'variant':<8} {'peak MB':>20} {'images/s':>20} {'s/call':>8}")
     for row in rows:
-        print(f"{row['variant']:<8} {_spread(row, 'peak_memory_mb', '.0f'):>20} "
-              f"{_spread(row, 'images_per_s', '.2f'):>20} {row['seconds_per_call']:>8.2f}")
+        print(f"{row['variant']:<8} {spread(row, 'peak_memory_mb', '.0f'):>20} "
+              f"{spread(row, 'images_per_s', '.2f'):>20} {row['seconds_per_call']:>8.2f}")
     print(f"memory VAR/MVAR: {var['peak_memory_mb'] / mvar['peak_memory_mb']:.2f}x; "
           f"speed MVAR/VAR: {mvar['images_per_s'] / var['images_per_s']:.2f}x (medians)")
     if args.profile:
         print("seconds per scale pass (medians):  " + "  ".join(f"s{s}" for s in var["scale_seconds"]))
         for row in rows:
             print(f"{row['variant']:<8} " + " ".join(f"{t:.3f}" for t in row["scale_seconds"].values()))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
 
 
 FIGURES = ("peak_memory_mb", "images_per_s", "seconds_per_call")
 
 
 def summarise(runs: list[dict]) -> dict:
-    """One variant's runs -> its row: every figure the median, ``spread`` its [min, max], ``runs`` them all."""
-    row = dict(runs[0])
-    for key in FIGURES:
-        values = [run[key] for run in runs]
-        row[key] = statistics.median(values)
-        row.setdefault("spread", {})[key] = [min(values), max(values)]
+    row = median_row(runs, FIGURES)
     row["scale_seconds"] = {s: statistics.median(run["scale_seconds"][s] for run in runs) for s in row["scale_seconds"]}
-    row["runs"] = runs
     return row
 
-
-def _spread(row: dict, key: str, fmt: str) -> str:
-    low, high = row["spread"][key]
-    return f"{row[key]:{fmt}} [{low:{fmt}}-{high:{fmt}}]"
 
 if __name__ == "__main__":
     main()

@@ -27,10 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
+
+from fresh_runs import current_rss_mb, measure_rounds, median_row, spread
 
 # name -> (mode, schedule, recompute every n-th block (0: none), torch.compile the blocks)
 VARIANTS = {
@@ -117,7 +117,7 @@ def measure(args: argparse.Namespace) -> dict:
             one_step(step)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = _current_rss_mb()
+    rss_before = current_rss_mb()
     times: dict[tuple, list[float]] = {}
     tokens, total_time = 0, 0.0
     for _ in range(args.repeats):
@@ -142,11 +142,6 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=2)
@@ -166,21 +161,13 @@ def main() -> None:
     from mvar_dist.runtime.distributed import free_port
 
     variants = args.variants.split(",")
-    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
-    for _ in range(args.runs):
-        for variant in variants:
-            command = [sys.executable, __file__, "--variant", variant, "--port", str(free_port()),
-                       "--depth", str(args.depth), "--width", str(args.width), "--batch", str(args.batch),
-                       "--repeats", str(args.repeats), "--precision", args.precision]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            runs[variant].append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-        if args.json:  # after every round, so that a run stopped by a time limit keeps its finished rounds
-            with open(args.json, "w") as f:
-                json.dump([summarise(runs[variant]) for variant in runs], f, indent=1)
-    rows = [summarise(runs[variant]) for variant in variants]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+
+    def command(variant: str) -> list[str]:
+        return [sys.executable, __file__, "--variant", variant, "--port", str(free_port()),
+                "--depth", str(args.depth), "--width", str(args.width), "--batch", str(args.batch),
+                "--repeats", str(args.repeats), "--precision", args.precision]
+
+    rows = measure_rounds(command, variants, args.runs, summarise, args.json)
     base = rows[0]
     print(f"train step, 256px layout (680 tokens), depth {args.depth}, width {args.width}, "
           f"batch {args.batch}, {args.precision}, {base['params_m']:.1f}M params, {base['device']}; "
@@ -188,9 +175,9 @@ def main() -> None:
     print(f"{'variant':<17} {'ms/img all scales':>26} {'x first':>8} {'mean step s':>12} "
           f"{'peak MB':>20} {'x first':>8} {'tokens/s':>10}")
     for row in rows:
-        print(f"{row['variant']:<17} {_spread(row, 'time_per_image_all_scales_ms', '.1f'):>26} "
+        print(f"{row['variant']:<17} {spread(row, 'time_per_image_all_scales_ms', '.1f'):>26} "
               f"{row['time_per_image_all_scales_ms'] / base['time_per_image_all_scales_ms']:>8.2f} "
-              f"{row['mean_step_s']:>12.3f} {_spread(row, 'peak_memory_mb', '.0f'):>20} "
+              f"{row['mean_step_s']:>12.3f} {spread(row, 'peak_memory_mb', '.0f'):>20} "
               f"{row['peak_memory_mb'] / base['peak_memory_mb']:>8.2f} {row['tokens_per_s']:>10.0f}")
     by_name = {row["variant"]: row for row in rows}
     for plain, other in (("var", "var+ckpt"), ("mvar-all", "mvar-all+ckpt"), ("mvar-all", "mvar-all+compile")):
@@ -204,19 +191,8 @@ FIGURES = ("time_per_image_all_scales_ms", "mean_step_s", "peak_memory_mb", "tok
 
 
 def summarise(runs: list[dict]) -> dict:
-    """One variant's runs -> its row: every figure the median, ``spread`` its [min, max], ``runs`` them all."""
-    row = dict(runs[0])
-    for key in FIGURES:
-        values = [run[key] for run in runs]
-        row[key] = statistics.median(values)
-        row.setdefault("spread", {})[key] = [min(values), max(values)]
-    row["runs"] = runs
-    return row
+    return median_row(runs, FIGURES)
 
-
-def _spread(row: dict, key: str, fmt: str) -> str:
-    low, high = row["spread"][key]
-    return f"{row[key]:{fmt}} [{low:{fmt}}-{high:{fmt}}]"
 
 if __name__ == "__main__":
     main()

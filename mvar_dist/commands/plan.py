@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from mvar_dist.commands.reporting import HelpFormatter, reports
 from mvar_dist.config import ConfigError, load_config
 from mvar_dist.config import sizes as config_sizes
-from mvar_dist.memory.plan import Cluster, Plan, StagePlan, plan_run
+from mvar_dist.memory.plan import DEFAULT_RESERVE_PERCENT, Cluster, Plan, StagePlan, plan_run
 
 GIB = 2**30
-DEFAULT_RESERVE = "10%"
+DEFAULT_RESERVE = f"{DEFAULT_RESERVE_PERCENT}%"
 
 
 def parse_size(text: str) -> int:

@@ -74,10 +74,11 @@ def cap_micro_batch_by_memory(config: Experiment, launch: LaunchConfig) -> Exper
     if (launch.gpu_memory is None or not isinstance(config, ExperimentConfig) or train.micro_batch_size != AUTO
             or train.max_micro_batch_size is not None):
         return config
-    from mvar_dist.memory.plan import Cluster, plan_run
+    from mvar_dist.memory.plan import DEFAULT_RESERVE_PERCENT, Cluster, plan_run
 
     memory = parse_size(launch.gpu_memory)
-    cluster = Cluster(launch.nodes, launch.ranks_per_node, memory, reserve=memory // 10, write_bandwidth=float(2**30))
+    cluster = Cluster(launch.nodes, launch.ranks_per_node, memory, reserve=memory * DEFAULT_RESERVE_PERCENT // 100,
+                      write_bandwidth=float(2**30))  # the bandwidth only times checkpoints
     plan = plan_run(config, cluster)
     stage = next(stage for stage in plan.stages if stage.configured)
     if stage.largest_micro_batch < 1:

@@ -57,6 +57,7 @@ from mvar_dist.training.optimizer import param_groups
 logger = logging.getLogger(__name__)
 
 TEMPLATES = ("zero1", "zero2", "zero3", "zero3_offload")  # in the order the plan prefers them
+DEFAULT_RESERVE_PERCENT = 10  # of a GPU's memory, for what the plan does not count
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOSS_GRADIENT_BYTES = 8  # two fp32 (B, n, V) gradients at the start of the loss's backward
 OFFLOAD_NOTE = ("DeepSpeed refuses torch's AdamW with offload_optimizer unless the DeepSpeed JSON sets "
@@ -257,7 +258,7 @@ def _peak(state: ModelState, one_pass: PassMemory, fixed: int = 0) -> int:
 def _largest_micro_batch(state: ModelState, counter: PassCounter, budget: int, cap: int) -> int:
     """The largest micro batch in 1..cap whose peak fits ``budget`` (0: none). Activations and
     logits grow (almost exactly) linearly with the batch: guess from the lines through batches
-    1 and 2, then settle it with exact counts (galloping from the guess, then bisecting)."""
+    1 and 2, then settle it with exact counts (bisecting from the guess)."""
     def fits(batch: int) -> bool:
         return _peak(state, counter.largest(batch)) <= budget
 
@@ -270,19 +271,15 @@ def _largest_micro_batch(state: ModelState, counter: PassCounter, budget: int, c
         if slope > 0:
             guesses.append(1 + (budget - fixed - first) // slope)
     guess = max(1, min(guesses))
-    # bracket the answer: fits(low) and (high > cap or not fits(high))
-    low, high, stride = (guess, guess + 1, 1) if fits(guess) else (1, guess, 1)
-    if low == guess:
-        while high <= cap and fits(high):
-            low, high, stride = high, high + 2 * stride, 2 * stride
+    # bisect with fits(low) (low 0: none yet) and not fits(high) (high cap + 1: beyond the cap);
+    # the guess is nearly exact, so its neighbour is probed first and usually settles it
+    if fits(guess):
+        low, high, probe = guess, cap + 1, guess + 1
     else:
-        while high - stride > 1 and not fits(high - stride):
-            high, stride = high - stride, 2 * stride
-        low = max(1, high - stride)
-    high = min(high, cap + 1)
+        low, high, probe = 0, guess, guess - 1
     while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
+        low, high = (probe, high) if fits(probe) else (low, probe)
+        probe = (low + high) // 2
     return low
 
 
