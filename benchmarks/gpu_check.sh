@@ -4,7 +4,8 @@
 # (vs the torch path and, if installed, NATTEN) and speed (B64 h16 16x16 d64 bf16, vs masked SDPA
 # and NATTEN), a d16 batch-32 bf16 training step (VAR vs MVAR-all vs MVAR-paper, and MVAR-all with
 # activation checkpointing), d16 batch-32 sampling (VAR with its KV cache vs MVAR) and mvar-dist
-# plan's predicted memory vs CUDA max allocated (d16 batch 32 bf16 ZeRO-2). Writes
+# plan's predicted memory vs CUDA max allocated (d16 batch 32 bf16 ZeRO-2), and mvar-dist evaluate's
+# speed on 1,000 images. Writes
 # $GPU_REPORT_DIR/report.json and report.md (default gpu_report/), plus each stage's log.
 # Usage: bash benchmarks/gpu_check.sh            (exit 1 without a CUDA device or if the kernel tests failed)
 set -uo pipefail
@@ -38,5 +39,7 @@ stage train_step 150 python benchmarks/train_step.py --depth 16 --batch 32 --pre
 stage sampling 60 python benchmarks/sampling.py --depth 16 --batch 32 --json "$OUT/sampling.json"
 # mvar-dist plan's predicted memory vs CUDA max allocated: d16 batch 32 bf16 ZeRO-2 (docs/training.md, "Memory")
 stage plan_check 120 python benchmarks/plan_check.py --batch 32 --json "$OUT/plan_check.json"
+# mvar-dist evaluate's speed: Inception features and the whole command on 1,000 images (random weights)
+stage evaluate 120 python benchmarks/evaluate.py --images 1000 --runs 1 --json "$OUT/evaluate.json"
 python benchmarks/gpu_report.py "$OUT"
 grep -q "^environment 0 " "$OUT/stages.txt" && grep -q "^kernel_tests 0 " "$OUT/stages.txt"

@@ -26,7 +26,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "prep": ("mvar_dist.commands.prep", "main", "tokenize an image folder into WebDataset code shards (--merge: write the manifest)"),
     "verify-shards": ("mvar_dist.commands.verify_shards", "main", "check code shards against their manifest (checksums, counts, code ranges)"),
     "export": ("mvar_dist.commands.export", "main", "consolidate a run's ZeRO checkpoint into model.safetensors + config.json (or the released .pth)"),
+    "import-released": ("mvar_dist.commands.import_released", "main", "a released var_d16.pth / mvar-d16.pth -> an export directory that sample and from_pretrained read"),
     "sample": ("mvar_dist.commands.sample", "main", "sample an exported model: a PNG grid per class, or the ADM evaluator's .npz (--npz)"),
+    "evaluate": ("mvar_dist.commands.evaluate", "main", "FID, sFID, IS, precision, recall of samples (an .npz, or an export sampled here) against a reference batch"),
     "quickstart": ("mvar_dist.commands.quickstart", "main", "the whole chain on CPU in minutes: digits -> tokenizer -> shards -> train (2 ranks) -> export -> judged samples"),
     "compare": ("mvar_dist.commands.compare", "main", "compare MLflow runs of an experiment: markdown table of metrics + PNG plots"),
 }

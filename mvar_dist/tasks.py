@@ -34,7 +34,8 @@ EXPORT_FILE_SUFFIXES = (".safetensors", ".pth")
 
 
 def check_export_target(out: Path, run_dir: Path, force: bool = False) -> list[Path]:
-    """Refuse an ``out`` that holds another run's export or files that are no export's (unless
+    """Refuse an ``out`` that holds another run's export (or an import of another released file:
+    ``run_dir`` is then that file) or files that are no export's (unless
     ``force``); remove temp files an interrupted export left. Returns the earlier export's files,
     which :func:`export_run` removes once the new export is complete where it did not overwrite
     them: the files of two exports never sit side by side, and a failed export loses nothing."""
@@ -51,7 +52,9 @@ def check_export_target(out: Path, run_dir: Path, force: bool = False) -> list[P
     recorded = None
     if config.is_file():
         try:
-            recorded = json.loads(config.read_text())["training"]["run_dir"]
+            metadata = json.loads(config.read_text())
+            # an export records its run directory; an import-released, the released file
+            recorded = metadata["released"]["file"] if "released" in metadata else metadata["training"]["run_dir"]
         except (ValueError, KeyError, TypeError):
             recorded = "?"
     if not force:
@@ -97,3 +100,26 @@ def export_run(run_dir: Path, out: Path, tag: str = "latest", dtype: str = "fp32
         artifact = export.log_export_to_mlflow(run_dir, out)
         lines.append(f"logged to MLflow run {summary['mlflow_run_id']} at {artifact}")
     return lines
+
+
+def import_released(checkpoint: Path, out: Path, tokenizer: Path, mode: str | None = None, depth: int | None = None,
+                    tokenizer_kind: str = "vqvae", dtype: str = "fp32", fmt: str = "safetensors",
+                    sample: dict | None = None, model_fields: dict | None = None, force: bool = False) -> list[str]:
+    """A released VAR/MVAR checkpoint -> an export directory ``out`` (``mvar-dist import-released``);
+    the file and the tokenizer are checked before ``out`` (:func:`check_export_target`, as export
+    does, with the released file in place of a run directory). Returns what to tell the user."""
+    from mvar_dist.training.export import write_export
+    from mvar_dist.training.import_released import prepare_import
+
+    if fmt not in ("safetensors", "official"):
+        raise ValueError(f"format must be 'safetensors' or 'official', got {fmt!r}")
+    prepared = prepare_import(checkpoint, tokenizer, mode, depth, tokenizer_kind, dtype, sample, model_fields)
+    earlier = check_export_target(out, Path(checkpoint), force)
+    weights = write_export(out, prepared.state, prepared.model_config, prepared.metadata, fmt, dtype)
+    _remove_stale(out, earlier)
+    config, settings = prepared.model_config, prepared.metadata["sample"]
+    origin = prepared.metadata["released"]["sample_settings_from"]
+    count = sum(v.numel() for v in prepared.state.values())
+    imported = f"imported {checkpoint} ({config.mode}, depth {config.depth}, {count:,} parameters and buffers) to {weights}"
+    recorded = f"sampling settings cfg {settings['cfg']} / top-p {settings['top_p']} / top-k {settings['top_k']} ({origin})"
+    return [imported, recorded]

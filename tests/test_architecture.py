@@ -30,6 +30,7 @@ LAYERS: dict[str, float] = {
     "mvar_dist.attention": 2,  # the documented re-export of mvar_dist.model.attention
     "mvar_dist.data": 2, "mvar_dist.images": 2, "mvar_dist.data_prep": 2, "mvar_dist.tracking": 2,
     "mvar_dist.sampling": 2,
+    "mvar_dist.evaluation": 2.5,  # Inception features and the ADM statistics; samples exports to score them
     "mvar_dist.config": 3,
     "mvar_dist.runtime": 4,
     "mvar_dist.training": 5, "mvar_dist.tokenizer_training": 5,  # the two tasks; neither imports the other

@@ -67,6 +67,12 @@ def test_quickstart_end_to_end(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert "judged accuracy of generated digits" in result.stdout
     assert summary["mlflow"]["ui_command"] in result.stdout
+    # the FID in the judge's feature space, beside the accuracy: generated and real-vs-real floor
+    for key in ("judged_fid", "real_fid_floor"):
+        assert isinstance(summary[key], float) and summary[key] >= 0
+    assert summary["real_fid_floor"] < summary["judged_fid"]  # 4 steps do not make real-looking digits
+    fid_line = next(line for line in result.stdout.splitlines() if "FID in the judge's feature space" in line)
+    assert f"{summary['judged_fid']:.3f}" in fid_line and f"{summary['real_fid_floor']:.3f}" in fid_line
 
     for key in ("judged_accuracy", "real_val_accuracy"):
         assert 0.0 <= summary[key] <= 1.0
@@ -86,6 +92,8 @@ def test_quickstart_end_to_end(tmp_path):
     assert [m.step for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)] == list(range(1, steps + 1))
     judged = client.get_metric_history(run_id, "quality/judged_accuracy")
     assert [(m.step, m.value) for m in judged] == [(steps, summary["judged_accuracy"])]
+    fid = client.get_metric_history(run_id, "quality/judged_fid")
+    assert [(m.step, m.value) for m in fid] == [(steps, pytest.approx(summary["judged_fid"]))]
 
     # MLflow's artifacts (the run's config.yaml) stay under --out, not in ./mlruns of the cwd
     assert not (out.parent / "mlruns").exists()
@@ -94,8 +102,11 @@ def test_quickstart_end_to_end(tmp_path):
     model = MVAR.from_pretrained(summary["model_dir"])
     assert model.config.mode == "mvar" and model.config.num_classes == NUM_CLASSES
 
-    # a rerun reuses every stage: same tokenizer file, no retraining, same MLflow run
+    # a rerun reuses every stage: same tokenizer file, no retraining, same MLflow run; a summary
+    # written before the quickstart computed the FID gets it from the (same) samples
     tokenizer_mtime = Path(summary["tokenizer"]).stat().st_mtime_ns
+    older = {k: v for k, v in summary.items() if k not in ("judged_fid", "real_fid_floor")}
+    (out / "summary.json").write_text(json.dumps(older))
     again = run_quickstart_cli(out, *args)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "already trained to step" in again.stderr
@@ -103,6 +114,8 @@ def test_quickstart_end_to_end(tmp_path):
     assert rerun["mlflow"]["run_id"] == run_id
     assert Path(rerun["tokenizer"]).stat().st_mtime_ns == tokenizer_mtime
     assert rerun["judged_accuracy"] == summary["judged_accuracy"]  # same export, same seed
+    assert rerun["judged_fid"] == pytest.approx(summary["judged_fid"])
+    assert rerun["real_fid_floor"] == pytest.approx(summary["real_fid_floor"])
 
 
 def test_ranks_get_a_fixed_thread_count_whatever_the_machine(tmp_path, monkeypatch):

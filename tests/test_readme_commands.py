@@ -8,6 +8,9 @@ What is replaced, and nothing else:
 - the weights: ``checkpoints/vae_ch160v4096z32.pth`` has the released tokenizer's architecture
   with random weights (the prep commands and the configs load it as written);
   ``checkpoints/var_d16.pth`` is a released-format VAR of the tiny size below;
+  ``checkpoints/VIRTUAL_imagenet256_labeled.npz`` is a reference batch of 8 random images and
+  ``checkpoints/pt_inception-2015-12-05-6726825d.pth`` Inception weights of the converted
+  layout with random values;
 - the MLflow address: ``http://mlflow-host:5000`` is a real ``mlflow server`` on loopback;
 - the machine: every ``mvar-dist submit`` first runs exactly as written with ``--dry-run`` (the
   4 x 8 GPU batch split must resolve), then for real with this machine's resources appended
@@ -21,6 +24,7 @@ README's "commands run from this repository's root" says.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -32,6 +36,7 @@ import pytest
 import torch
 from mlflow_server import MlflowServer
 from PIL import Image
+from test_evaluate import write_random_inception
 from test_slurm import HAVE_SLURM, needs_cluster, wait_for_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +140,9 @@ def write_weights(checkpoints: Path) -> None:
     torch.save(MultiScaleVQVAE().state_dict(), checkpoints / "vae_ch160v4096z32.pth")
     config = MVARConfig(mode="var", depth=2, embed_dim=64, num_heads=2, num_classes=len(SYNSETS), vocab_size=4096)
     torch.save(official_state_dict(MVAR(config).state_dict(), config), checkpoints / "var_d16.pth")
+    rng = np.random.default_rng(1)
+    np.savez(checkpoints / "VIRTUAL_imagenet256_labeled.npz", arr_0=rng.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8))
+    write_random_inception(checkpoints / "pt_inception-2015-12-05-6726825d.pth")
 
 
 def run_bash(script: str, cwd: Path, env: dict[str, str]) -> str:
@@ -161,6 +169,7 @@ def test_readme_imagenet_section_runs_as_written(tmp_path):
     server = MlflowServer(tmp_path / "mlflow").start()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["MVAR_DIST_CACHE"] = str(tmp_path / "cache")  # the reference's features, not in the user's home
     try:
         submitting, reading = rewrite(readme_block(), data, server.uri)
         out = run_bash(submitting + "\nexport -p > environment.sh", work, env)
@@ -191,6 +200,12 @@ def test_readme_imagenet_section_runs_as_written(tmp_path):
         runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
         assert set(runs) == {"mvar_d16", "mvar_d16_ft"}
         assert all(len(client.get_metric_history(r.info.run_id, "train/loss")) == 4 for r in runs.values())
+        # step 5: the five numbers in the report and in the fine-tuning run, at its last step
+        report = json.loads((work / "eval" / "mvar_d16_ft.json").read_text())
+        assert report["num_samples"] == 4 and report["num_reference"] == 8 and report["table"] in out
+        for name, value in report["metrics"].items():
+            history = client.get_metric_history(runs["mvar_d16_ft"].info.run_id, f"eval/{name}")
+            assert [(m.step, m.value) for m in history] == [(4, pytest.approx(value))], name
     finally:
         server.stop()
 

@@ -92,7 +92,9 @@ def test_training_job_completes_with_one_rank_logging(completed_run, capsys, tmp
     assert model.config.depth == 2 and sum(p.numel() for p in model.parameters()) > 0
 
 
-KILL_STEP = 8  # a checkpoint step (tiny_cpu saves every 2) after the preemption, before the end
+# a checkpoint step (tiny_cpu saves every 2) after the preemption, before the end (12): late, since
+# a tiny step takes ~0.1 s on an idle machine and the signal must arrive before it
+KILL_STEP = 10
 
 
 @needs_cluster
@@ -108,7 +110,7 @@ def test_preempted_then_killed_job_resumes_to_the_uninterrupted_result(completed
     deadline = time.monotonic() + 600
     while not latest.exists():  # the trainer is in its loop once the first checkpoint exists
         assert time.monotonic() < deadline, "no checkpoint within 600 s"
-        time.sleep(0.5)
+        time.sleep(0.05)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what preemption sends
     assert wait_for_job(job_id) == "FAILED"  # requeued once, then killed at KILL_STEP
 

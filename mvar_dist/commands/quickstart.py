@@ -20,6 +20,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  judged accuracy of generated digits: {100 * summary['judged_accuracy']:.1f}% "
         f"({summary['judged_samples']} samples, intended class)",
         f"  judge on real validation digits:     {100 * summary['real_val_accuracy']:.1f}%",
+        format_fid(summary),
     ]
     quality = summary.get("tokenizer_quality")
     if quality:
@@ -38,6 +39,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  summary: {Path(summary['out']) / 'summary.json'}",
     ]
     return "\n".join(lines)
+
+
+def format_fid(summary: dict[str, Any]) -> str:
+    """The FID line; a summary written before the quickstart computed the FID has none."""
+    def figure(key: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else f"{value:.3f}"
+
+    return (f"  FID in the judge's feature space:    {figure('judged_fid')} against the real validation digits "
+            f"(real digits at this sample size: {figure('real_fid_floor')}; lower is better)")
 
 
 def build_parser() -> argparse.ArgumentParser:

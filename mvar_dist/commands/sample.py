@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _labels(args: argparse.Namespace, num_classes: int) -> tuple[list[int], int]:
+def labels_for(args: argparse.Namespace, num_classes: int) -> tuple[list[int], int]:
     """Labels in class order (each class repeated per-class times), and the number of rows."""
     classes = parse_classes(args.classes, num_classes) if args.classes else list(range(num_classes))
     per_class = args.per_class
@@ -85,7 +85,7 @@ def _labels(args: argparse.Namespace, num_classes: int) -> tuple[list[int], int]
     return [c for c in classes for _ in range(per_class)], len(classes)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -97,9 +97,9 @@ def _device(name: str) -> torch.device:
 def run(args: argparse.Namespace) -> str:
     """Do the sampling; returns the summary line."""
     metadata = read_export_metadata(args.model)
-    labels, rows = _labels(args, int(metadata["model"]["num_classes"]))
+    labels, rows = labels_for(args, int(metadata["model"]["num_classes"]))
     settings = resolve_settings(metadata.get("sample"), args.cfg, args.top_k, args.top_p)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, tokenizer, metadata = load_exported(args.model, args.tokenizer, device, args.allow_other_tokenizer_weights,
                                              verify=not args.no_verify)
     logger.info("sampling %d images on %s with %s, seed %d", len(labels), device, settings.kwargs() or "generate's defaults", args.seed)

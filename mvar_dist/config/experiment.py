@@ -21,6 +21,7 @@ from mvar_dist.config.sections import (
     CheckpointConfig,
     DebugConfig,
     DeepSpeedSection,
+    EvalConfig,
     LaunchConfig,
     OptimConfig,
     RunConfig,
@@ -45,6 +46,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # FID during training
     debug: DebugConfig = field(default_factory=DebugConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)  # SLURM resources (mvar-dist submit)
 
@@ -71,7 +73,7 @@ RESUMABLE_CHANGES: tuple[str, ...] = (
     "train.activation_checkpointing", "train.activation_checkpointing_every", "train.compile",
     # how the global batch is split over the ranks (the cluster's, not the recipe's)
     "train.micro_batch_size", "train.max_micro_batch_size", "data.resize",
-    "checkpoint", "tracking", "sample", "debug", "launch", "data.num_workers", "data.prefetch_windows",
+    "checkpoint", "tracking", "sample", "eval", "debug", "launch", "data.num_workers", "data.prefetch_windows",
     "data.train_manifest", "data.val_manifest", "data.shard_url_template", "tokenizer.checkpoint",
     "data.bad_data", "data.max_bad_fraction",
 )

@@ -117,6 +117,20 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID during training (docs/evaluation.md): every ``fid_every_steps`` the ranks draw
+    ``fid_samples`` images together (``sample`` section's cfg/top-k/top-p, a fixed seed) and
+    score them against the reference batch's ``mu``/``sigma``; logged as ``eval/fid_<samples>``."""
+
+    fid_every_steps: int = 0  # FID every N steps and at the end; 0: off
+    fid_samples: int = 5000  # images per FID (classes in turn); the papers' FID-50k is mvar-dist evaluate's
+    fid_reference: str | None = None  # reference batch .npz (mu/sigma used as they are)
+    inception: str | None = None  # pt_inception-2015-12-05-6726825d.pth; None: $MVAR_DIST_INCEPTION
+    fid_batch_size: int = 50  # images per generate call and Inception forward, per rank
+    fid_seed: int = 0  # fixed, so that FIDs of different steps compare the same noise
+
+
+@dataclass
 class DebugConfig:
     """Testing hooks; leave unset in real runs."""
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import string
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,37 @@ def _validate_eval(config: ExperimentConfig) -> None:
             f"train.val_every_steps={train.val_every_steps} needs data.val_manifest (the validation split's "
             f"manifest.json); set it or use train.val_every_steps=0"
         )
+    _validate_fid(config)
+
+
+def _validate_fid(config: ExperimentConfig) -> None:
+    """FID during training: the files it reads exist before any rank starts."""
+    section = config.eval
+    if section.fid_every_steps < 0:
+        raise ConfigError(f"eval.fid_every_steps must be >= 0 (0 turns it off), got {section.fid_every_steps}")
+    if section.fid_every_steps == 0:
+        return
+    for name in ("fid_samples", "fid_batch_size"):
+        if getattr(section, name) < (2 if name == "fid_samples" else 1):
+            raise ConfigError(f"eval.{name} must be >= {2 if name == 'fid_samples' else 1}, got {getattr(section, name)}")
+    if not section.fid_reference:
+        raise ConfigError("eval.fid_every_steps needs eval.fid_reference (the reference batch .npz, with mu and sigma)")
+    if not Path(section.fid_reference).is_file():
+        raise ConfigError(f"eval.fid_reference: file {section.fid_reference} does not exist")
+    try:
+        with zipfile.ZipFile(section.fid_reference) as archive:
+            names = set(archive.namelist())
+    except zipfile.BadZipFile:
+        raise ConfigError(f"eval.fid_reference: {section.fid_reference} is not an .npz file") from None
+    if not {"mu.npy", "sigma.npy"} <= names:
+        raise ConfigError(f"eval.fid_reference: {section.fid_reference} has no mu/sigma (the reference statistics "
+                          f"of the ADM evaluator's batches); it holds {sorted(n.removesuffix('.npy') for n in names)}")
+    inception = section.inception or os.environ.get("MVAR_DIST_INCEPTION")
+    if not inception:
+        raise ConfigError("eval.fid_every_steps needs the Inception weights: set eval.inception or $MVAR_DIST_INCEPTION "
+                          "(pt_inception-2015-12-05-6726825d.pth; nothing is downloaded)")
+    if not Path(inception).is_file():
+        raise ConfigError(f"eval.inception: file {inception} does not exist")
 
 
 def finite_at_least(name: str, value: float, low: float, strict: bool, note: str = "") -> None:

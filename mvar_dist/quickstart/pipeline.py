@@ -11,6 +11,7 @@ Stages (each logs its wall and CPU time; all outputs under ``--out``, see
 5. train: ``mvar-dist train --nproc 2``: DeepSpeed on 2 local CPU ranks (gloo), MLflow in sqlite
 6. export: the ZeRO checkpoint -> model.safetensors + config.json
 7. sample: a class-conditional grid, one row per class, and the judge's verdict on the samples
+   (its accuracy, and the FID of the samples against real digits in the judge's feature space)
 
 Re-running into the same ``--out`` reuses stages 1-4 (deterministic; each checks what it finds)
 and resumes training from the run's checkpoint when its experiment is unchanged: a finished run
@@ -42,8 +43,10 @@ from mvar_dist.data_prep.sources import list_class_folder
 from mvar_dist.data_prep.verify import verify_manifest
 from mvar_dist.launch.local import launch
 from mvar_dist.quickstart.digits import (
+    generated_fid,
     judge_accuracy,
     read_image_folder,
+    real_fid_floor,
     real_val_accuracy,
     write_digits_image_folder,
 )
@@ -199,11 +202,31 @@ def sample_and_judge(paths: QuickstartPaths, mode: Mode, per_class: int, grid_pe
     write_png(compose_grid(shown.reshape(-1, *shown.shape[2:]), rows=NUM_CLASSES), paths.grid(mode))
 
     # judged from the uint8 pixels the PNG holds, as a user would see them
-    judged = judge_accuracy(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.tensor(labels))
+    judged_images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    judged = judge_accuracy(judged_images, torch.tensor(labels))
     real = real_val_accuracy(IMAGE_SIZE)
     logger.info("judged accuracy of %d samples: %.1f%% (real validation digits: %.1f%%)", len(labels), 100 * judged, 100 * real)
     return {"judged_accuracy": judged, "real_val_accuracy": real, "judged_samples": len(labels),
-            "sampling": settings.kwargs(), "training": metadata["training"]}
+            **judge_fids(judged_images, per_class), "sampling": settings.kwargs(), "training": metadata["training"]}
+
+
+def judge_fids(images: torch.Tensor, per_class: int) -> dict[str, float | None]:
+    """``judged_fid``: the FID of the samples against the 300 real validation digits in the
+    judge's feature space; ``real_fid_floor``: that of ``per_class`` real training digits of each
+    class against the same validation digits, the value of digits indistinguishable from real ones
+    at this sample size. None (with a warning) where the statistics refuse them, which only a
+    degenerate sample set can cause; the accuracy still stands."""
+    fids: dict[str, float | None] = {}
+    for key, compute in (("judged_fid", lambda: generated_fid(images, IMAGE_SIZE)),
+                         ("real_fid_floor", lambda: real_fid_floor(per_class, IMAGE_SIZE))):
+        try:
+            fids[key] = compute()
+        except ValueError as err:
+            logger.warning("%s not computed: %s", key, err)
+            fids[key] = None
+    logger.info("FID in the judge's feature space: %s (real digits at this sample size: %s)",
+                *(f"{v:.3f}" if v is not None else "n/a" for v in fids.values()))
+    return fids
 
 
 def log_quality(tracking_uri: str, run_id: str | None, step: int, quality: dict[str, Any]) -> None:
@@ -213,8 +236,9 @@ def log_quality(tracking_uri: str, run_id: str | None, step: int, quality: dict[
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    for key in ("judged_accuracy", "real_val_accuracy"):
-        client.log_metric(run_id, f"quality/{key}", quality[key], step=step)
+    for key in ("judged_accuracy", "real_val_accuracy", "judged_fid", "real_fid_floor"):
+        if quality.get(key) is not None:
+            client.log_metric(run_id, f"quality/{key}", quality[key], step=step)
 
 
 # ----- the command -----

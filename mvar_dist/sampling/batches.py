@@ -66,6 +66,21 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
     return classes
 
 
+def sample_batch(
+    model: MVAR, tokenizer: Tokenizer, labels: Sequence[int], batch_size: int, index: int, seed: int,
+    settings: SamplingSettings, device: torch.device, precision: str = "fp32",
+) -> np.ndarray:
+    """uint8 (b, H, W, 3) images of batch ``index``: ``labels[index * batch_size:][:batch_size]``
+    drawn with the batch's own seed, so any process can draw any batch (ranks split them)."""
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    start = index * batch_size
+    batch = torch.tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
+    with autocast:
+        _, images = model.generate(batch, tokenizer, seed=batch_seed(seed, index), **settings.kwargs())
+    return to_uint8_hwc(images)
+
+
 def sample_batches(
     model: MVAR, tokenizer: Tokenizer, labels: Sequence[int], batch_size: int, seed: int, settings: SamplingSettings,
     device: torch.device, precision: str = "fp32", progress: bool = True,
@@ -75,12 +90,12 @@ def sample_batches(
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    dtype = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with tqdm(total=len(labels), unit="img", desc="sampling", disable=not progress) as bar:
-        for index, start in enumerate(range(0, len(labels), batch_size)):
-            batch = torch.tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
-            with autocast:
-                _, images = model.generate(batch, tokenizer, seed=batch_seed(seed, index), **settings.kwargs())
-            yield to_uint8_hwc(images)
-            bar.update(len(batch))
+        for index in range(num_batches(len(labels), batch_size)):
+            images = sample_batch(model, tokenizer, labels, batch_size, index, seed, settings, device, precision)
+            yield images
+            bar.update(len(images))
+
+
+def num_batches(num_images: int, batch_size: int) -> int:
+    return -(-num_images // batch_size)

@@ -21,7 +21,11 @@ from mvar_dist.tracking.plots import plot_panels
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METRICS = ("train/loss", "train/loss/last", "train/acc/mean", "val/loss", "tokens_per_s", "images_per_s", "peak_memory_mb")
+DEFAULT_METRICS = ("train/loss", "train/loss/last", "train/acc/mean", "val/loss", "eval/fid", "eval/sfid",
+                   "eval/inception_score", "eval/precision", "eval/recall", "tokens_per_s", "images_per_s",
+                   "peak_memory_mb")
+# quality metrics where more is better (mvar-dist evaluate); FIDs, losses, times: less is better
+HIGHER_IS_BETTER = ("inception_score", "precision", "recall")
 # the trainer logs train/loss/scale_<s>; train/loss_s<s> is accepted too
 SCALE_LOSS = re.compile(r"^train/loss(?:/scale_|_s)(\d+)$")
 IMAGES_SEEN = "train/images_seen"
@@ -35,7 +39,8 @@ class CompareError(ValueError):
 
 def higher_is_better(metric: str) -> bool:
     name = metric.lower()
-    return "acc" in name or name.endswith("per_s") or "throughput" in name
+    return ("acc" in name or name.endswith("per_s") or "throughput" in name
+            or any(name.endswith(metric) for metric in HIGHER_IS_BETTER))
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,7 @@ def choose_metrics(runs: Sequence[RunInfo], requested: Sequence[str] | None) -> 
             raise CompareError(f"metric(s) {missing} were not logged by the chosen runs; metrics that exist: {existing}")
         return list(requested)
     chosen = [m for m in DEFAULT_METRICS if m in existing]
+    chosen += [m for m in existing if m.startswith("eval/fid_")]  # FID during training, eval.fid_samples images
     if not chosen:
         raise CompareError(f"none of the default metrics {list(DEFAULT_METRICS)} exist; pick some with --metrics from {existing}")
     return chosen

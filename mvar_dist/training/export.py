@@ -124,8 +124,6 @@ def export_run(
     run_dir: Path, out_dir: Path, tag: str = "latest", dtype: str = "fp32", fmt: str = "safetensors",
 ) -> Path:
     """Export one checkpoint of ``run_dir`` into ``out_dir``; returns the weights file."""
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if fmt not in ("safetensors", "official"):
@@ -136,9 +134,23 @@ def export_run(
     model_config = MVARConfig.from_dict(metadata["model"])
     state = consolidate(run.checkpoints, tag)
     state = _match_model(state, model_config, f"{run.tag_dir(tag)}")
+    weights = write_export(out_dir, state, model_config, metadata, fmt, dtype)
+    logger.info("exported %s (%s, %s) to %s", run.tag_dir(tag), fmt, dtype, weights)
+    return weights
+
+
+def write_export(
+    out_dir: Path, state: dict[str, torch.Tensor], model_config: MVARConfig, metadata: dict[str, Any],
+    fmt: str = "safetensors", dtype: str = "fp32",
+) -> Path:
+    """Write an export directory: ``state`` (our layout, checked against ``model_config``) cast to
+    ``dtype`` as ``model.safetensors`` or, with ``fmt`` "official", the released ``.pth`` layout;
+    then ``config.json`` (``metadata`` plus ``weights`` and ``weights_sha256``), last, so that its
+    presence marks a complete export. Shared by ``export`` and ``import-released``."""
+    from safetensors.torch import save_file
+
     cast = DTYPES[dtype]
     state = {k: (v.to(cast) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG_FILE).unlink(missing_ok=True)  # an interrupted re-export must not look complete
@@ -149,11 +161,10 @@ def export_run(
         official = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in official_state_dict(state, model_config).items()}
         weights = out_dir / f"{model_config.mode}_d{model_config.depth}.pth"
         write_via_temp(weights, lambda tmp: torch.save(official, tmp))
-    metadata["weights"] = weights.name
+    metadata = {**metadata, "weights": weights.name}
     metadata["weights_sha256"] = file_sha256(weights)  # checked by from_pretrained and sample
     # config.json last: its presence marks a complete export
     write_json(out_dir / CONFIG_FILE, metadata, indent=2)
-    logger.info("exported %s (%s, %s) to %s", run.tag_dir(tag), fmt, dtype, weights)
     return weights
 
 

@@ -154,6 +154,7 @@ class TransformerTask:
         self.engine: Any = None
         self.model: MVAR | None = None
         self.context: RankContext | None = None
+        self.fid: Any = None  # mvar_dist.training.fid.TrainingFID, loaded at the first FID
 
     # ----- before the first step -----
 
@@ -260,7 +261,8 @@ class TransformerTask:
     def evaluation_due(self, step: int) -> bool:
         train, total = self.config.train, self.config.train.total_steps
         validation = self.val_loader is not None and is_due(train.val_every_steps, step, total)
-        return validation or is_due(self.config.sample.every_steps, step, total)
+        return (validation or is_due(self.config.sample.every_steps, step, total)
+                or is_due(self.config.eval.fid_every_steps, step, total))
 
     def evaluate(self, step: int, tracker: Tracker) -> None:
         """Validation (every rank) and the sample grid (rank 0) when due; see mvar_dist.training.evaluation."""
@@ -275,3 +277,19 @@ class TransformerTask:
         if is_due(self.config.sample.every_steps, step, total):
             evaluation.log_sample_grid(self.engine, self.model, self.tokenizer, self.config, tracker, step,
                                        context.rank, context.device)
+        if is_due(self.config.eval.fid_every_steps, step, total):
+            self.log_fid(step, tracker)
+
+    def log_fid(self, step: int, tracker: Tracker) -> None:
+        """FID of ``eval.fid_samples`` images (all ranks sample; rank 0 logs ``eval/fid_<samples>``)."""
+        from mvar_dist.training.fid import TrainingFID, metric_name
+
+        context = self.context
+        assert context is not None
+        if self.fid is None:
+            self.fid = TrainingFID(self.config, context.device)
+        started = time.perf_counter()
+        value = self.fid.compute(self.engine, self.model, self.tokenizer, context.rank, context.world_size)
+        if value is not None:
+            tracker.log_metrics({metric_name(self.config): value}, step)
+            logger.info("step %d: %s %.4f (%.1f s)", step, metric_name(self.config), value, time.perf_counter() - started)
