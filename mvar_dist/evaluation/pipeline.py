@@ -24,6 +24,7 @@ import torch
 
 from mvar_dist.atomic import write_json
 from mvar_dist.evaluation.features import (
+    FEATURE_KEYS,
     Features,
     Ranks,
     batch_features,
@@ -127,13 +128,17 @@ def _sample_parts(evaluation: Evaluation, ranks: Ranks) -> int:
 
 
 def _merge_samples(evaluation: Evaluation, total: int, num: int) -> Features:
-    """Rank 0: the samples' parts in order into the kept ``.npz`` and one feature set."""
+    """Rank 0: the samples' parts in order into the kept ``.npz`` and one feature set (each part
+    read once)."""
     assert evaluation.samples_npz is not None
     writer = None
+    features: dict[str, list[np.ndarray]] = {key: [] for key in FEATURE_KEYS}
     try:
         for index in range(total):
             with np.load(part_path(evaluation.work_dir, "samples", index), allow_pickle=False) as part:
                 images = part["images"]
+                for key in FEATURE_KEYS:
+                    features[key].append(part[key])
             if writer is None:
                 writer = NpzSampleWriter(evaluation.samples_npz, num, images.shape[1], images.shape[2])
             writer.write(images)
@@ -143,7 +148,7 @@ def _merge_samples(evaluation: Evaluation, total: int, num: int) -> Features:
         raise
     assert writer is not None
     writer.close()
-    return features_of(read_parts(evaluation.work_dir, "samples", total))
+    return features_of({key: np.concatenate(values) for key, values in features.items()})
 
 
 def run_evaluation(evaluation: Evaluation, ranks: Ranks) -> dict[str, Any] | None:
